@@ -1,0 +1,86 @@
+"""Perplexity of one or more models side by side: a float checkpoint, its PTQ on the fly, saved int4 checkpoints.
+
+    tune run eval_perplexity --config eval_perplexity model.path=out/smollm2_135m/int4
+    tune run eval_perplexity --config eval_perplexity quantize=8da4w seq_len=2048 \
+        dataset.name=wikitext dataset.config=wikitext-2-raw-v1 dataset.split=test
+
+Writes `output_dir/perplexity.json` ({name: {"perplexity": ..., ...}}) and prints one line per model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from qatune.data import DatasetConfig, load_texts
+from qatune.device import resolve_device
+from qatune.evaluation import perplexity
+from qatune.files import atomic_write_json
+from qatune.models import ModelConfig, load_model, load_tokenizer
+from qatune.quantization import quantize_ptq_, resolve_quantizer
+
+
+@dataclass
+class ModelEntry:
+    name: str = "model"
+    path: str = "${model.path}"
+    quantize: str | None = None  # PTQ on the fly: 8da4w | 4w | 8da8w
+    group_size: int = 32
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantize: str | None = None  # PTQ `model` on the fly: null | 8da4w | 4w | 8da8w
+    group_size: int = 32
+    compare_with: list[ModelEntry] = field(default_factory=list)  # more models, evaluated on the same text
+    dataset: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="validation"))
+    seq_len: int = 2048
+    protocol: str = "gptq"  # gptq | lm_eval | sliding
+    stride: int | None = None  # for protocol=sliding
+    batch_size: int = 1
+    device: str = "auto"
+    output_dir: str = "out/eval_perplexity"
+
+
+def check_config(cfg: DictConfig) -> None:
+    for entry in [cfg, *cfg.compare_with]:
+        if entry.quantize is not None:
+            resolve_quantizer({"scheme": entry.quantize, "group_size": entry.group_size})
+
+
+def main(cfg: DictConfig) -> dict:
+    device = resolve_device(cfg.device)
+    texts = load_texts(cfg.dataset)
+    name = cfg.quantize or "model"
+    entries = [dict(name=name, path=cfg.model.path, quantize=cfg.quantize, group_size=cfg.group_size)]
+    entries += [dict(e) for e in cfg.compare_with]
+
+    results = {}
+    for entry in entries:
+        model = load_model(entry["path"], dtype=cfg.model.dtype, device=device)
+        tokenizer = load_tokenizer(entry["path"])
+        if entry["quantize"]:
+            quantize_ptq_(model, resolve_quantizer({"scheme": entry["quantize"], "group_size": entry["group_size"]}))
+        result = perplexity(
+            model,
+            tokenizer,
+            texts,
+            seq_len=cfg.seq_len,
+            protocol=cfg.protocol,
+            stride=cfg.stride,
+            batch_size=cfg.batch_size,
+        )
+        results[entry["name"]] = {"path": entry["path"], "quantize": entry["quantize"], **result}
+        print(
+            f"{entry['name']:<12} ppl {result['perplexity']:9.4f}  tokens {result['tokens']:>8}  "
+            f"{result['wall_s']:7.1f} s  {result['tokens_per_s']:8.1f} tok/s"
+        )
+        del model
+
+    out = Path(cfg.output_dir) / "perplexity.json"
+    atomic_write_json(out, results)
+    print(f"wrote {out}")
+    return results

@@ -1,0 +1,142 @@
+"""Quantization-aware fine-tuning to int4, compared side by side with the float model and plain PTQ.
+
+    tune run qat_recipe --config smollm2_135m                 # any CPU, offline, ~15 min
+    tune run qat_recipe --config llama3_8b batch_size=2       # GPU
+
+Flow: load -> measure the float baseline and its PTQ -> insert fake quantization -> fine-tune -> convert to real int4
+-> evaluate -> save `output_dir/int4` (a Hugging Face + torchao checkpoint) and the report (report.json/.md/.png).
+With `compare.finetune_baseline=true` the same fine-tuning also runs without fake quantization and is then PTQ'd:
+the fair comparison (what QAT buys over "fine-tune, then quantize").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from qatune.data import DatasetConfig, build_dataset, load_texts
+from qatune.device import resolve_device
+from qatune.evaluation import perplexity
+from qatune.measure import measure_model
+from qatune.models import ModelConfig, load_model, load_tokenizer
+from qatune.quantization import (
+    convert_to_int4,
+    enable_fake_quant,
+    fake_quantize_,
+    quantize_ptq_,
+    resolve_quantizer,
+    save_quantized,
+)
+from qatune.report import format_table, recovery, write_report
+from qatune.training import TrainConfig, make_accelerator, train
+
+
+@dataclass
+class EvalConfig:
+    seq_len: int = 512
+    protocol: str = "gptq"  # gptq | lm_eval | sliding (see qatune.evaluation)
+    batch_size: int = 4
+    measure: bool = True  # size, peak memory, prefill/decode tokens/s of each model
+
+
+@dataclass
+class CompareConfig:
+    baseline: bool = True  # evaluate the original float model and its PTQ
+    finetune_baseline: bool = False  # also fine-tune without fake quant, then PTQ it (the fair comparison)
+
+
+@dataclass
+class Config(TrainConfig):
+    output_dir: str = "out/qat"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    eval_dataset: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="validation"))
+    seq_len: int = 512
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"_component_": "torch.optim.AdamW", "lr": 2e-5})
+    lr_scheduler: dict[str, Any] | None = None  # e.g. transformers.get_cosine_schedule_with_warmup
+    quantizer: dict[str, Any] = field(default_factory=lambda: {"scheme": "8da4w", "group_size": 32})
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+
+
+def check_config(cfg: DictConfig) -> None:
+    resolve_quantizer(cfg.quantizer)
+
+
+def main(cfg: DictConfig) -> dict:
+    device = resolve_device(cfg.device)
+    q = resolve_quantizer(cfg.quantizer)
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(device, cfg.gradient_accumulation_steps, str(out), list(cfg.trackers))
+    tokenizer = load_tokenizer(cfg.model.path)
+    train_data = build_dataset(cfg.dataset, tokenizer, cfg.seq_len)
+    eval_texts = load_texts(cfg.eval_dataset)
+    train_cfg = TrainConfig(**{k: cfg[k] for k in TrainConfig.__dataclass_fields__})
+
+    def evaluate(model: torch.nn.Module) -> dict:
+        result = {}
+        if accelerator.is_main_process:  # every rank holds the whole model: rank 0 measures it
+            e = cfg.eval
+            result = perplexity(model, tokenizer, eval_texts, seq_len=e.seq_len, protocol=e.protocol,
+                                batch_size=e.batch_size)  # fmt: skip
+            if e.measure:
+                result |= measure_model(model, tokenizer)
+        accelerator.wait_for_everyone()
+        return result
+
+    def fine_tune(model: torch.nn.Module, name: str, on_step=None) -> dict:
+        run = train(model, train_data, cfg=train_cfg, optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.lr_scheduler,
+                    accelerator=accelerator, output_dir=out / name, seed=cfg.seed, on_step=on_step, run_name=name)  # fmt: skip
+        return {"steps": run.steps, "tokens": run.tokens, "tokens_per_s": run.tokens_per_s,
+                "peak_memory_bytes": run.peak_memory_bytes, "wall_s": run.wall_s, "final_loss": run.final_loss}  # fmt: skip
+
+    results, training = {}, {}
+    start = time.perf_counter()
+    if cfg.compare.baseline:
+        model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=device)
+        results["bf16"] = evaluate(model)
+        results["ptq"] = evaluate(quantize_ptq_(model, q))
+        del model
+
+    if cfg.compare.finetune_baseline:
+        model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=device)
+        training["bf16_finetuned"] = fine_tune(model, "bf16_finetuned")
+        results["bf16_finetuned"] = evaluate(model)
+        results["ptq_finetuned"] = evaluate(quantize_ptq_(model, q))
+        del model
+
+    model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=device)
+    fake_quantize_(model, q)
+
+    def delayed_fake_quant(model: torch.nn.Module, step: int) -> None:
+        # Float fine-tuning for the first N steps, fake quant from then on (also right after a resume).
+        enable_fake_quant(model, step >= q.fake_quant_after_n_steps)
+
+    training["qat"] = fine_tune(model, "qat", delayed_fake_quant if q.fake_quant_after_n_steps else None)
+    enable_fake_quant(model, True)
+    convert_to_int4(model, q)
+    results["qat"] = evaluate(model)
+
+    report = {
+        "model": {"path": cfg.model.path},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "results": results,
+        "recovery": recovery(results),
+        "training": training["qat"],
+        "training_runs": training,
+        "wall_s": time.perf_counter() - start,
+    }
+    if accelerator.is_main_process:
+        save_quantized(model, tokenizer, out / "int4")
+        write_report(report, out)
+        print(format_table(results))
+        print(f"int4 checkpoint: {out / 'int4'}   report: {out / 'report.md'}")
+    accelerator.wait_for_everyone()
+    return report

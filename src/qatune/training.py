@@ -1,0 +1,286 @@
+"""Fine-tuning through accelerate: the same loop for one process or many (DDP), CPU or GPU.
+
+`train()` runs optimizer steps over a packed dataset with gradient accumulation, clipping, a warm-up schedule,
+delayed fake quantization, periodic validation loss, atomic checkpoints and exact resume. Everything it needs comes
+in as arguments; the recipe decides what to train.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from qatune.config import instantiate
+from qatune.files import atomic_write_json
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (loss became NaN/inf); the message is one line for the user."""
+
+
+@dataclass
+class TrainConfig:
+    """Schema of the recipe keys that drive the loop (every knob is in the YAML)."""
+
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_steps: int | None = None  # optimizer steps; None = `epochs` full passes
+    epochs: int = 1
+    clip_grad_norm: float | None = 1.0
+    activation_checkpointing: bool = False
+    log_every_n_steps: int = 1
+    eval_every_n_steps: int = 0  # 0 = never (validation loss)
+    eval_batches: int = 4
+    save_every_n_steps: int = 0  # 0 = never (checkpoints for resume)
+    keep_last_n_checkpoints: int = 1
+    resume: bool = False
+    trackers: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, ...
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    wall_s: float
+    tokens_per_s: float
+    peak_memory_bytes: int
+    final_loss: float
+    losses: list[float]
+
+
+def make_accelerator(
+    device: torch.device, gradient_accumulation_steps: int, output_dir: str, trackers: list[str] | None = None
+) -> Accelerator:
+    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU, where bf16 is slower."""
+    return Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision="bf16" if device.type == "cuda" else "no",
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        # A seedable sampler makes every epoch's shuffle a function of (seed, epoch): resume can replay it.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=trackers or None,
+        project_dir=output_dir,
+    )
+
+
+def build_dataloader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    ckpts = [p for p in (output_dir / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file()]
+    return sorted(ckpts, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: Mapping[str, Any], keep: int) -> Path:
+    """Weights, optimizer, scheduler, RNG and data position, written to a temp dir then renamed (all ranks call)."""
+    final = output_dir / "checkpoints" / f"step_{state['step']}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        atomic_write_json(tmp / "trainer_state.json", dict(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in _checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def train(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    cfg: TrainConfig,
+    optimizer_cfg: Mapping[str, Any],
+    scheduler_cfg: Mapping[str, Any] | None,
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    seed: int,
+    eval_dataset: Dataset | None = None,
+    on_step: Callable[[torch.nn.Module, int], None] | None = None,
+    run_name: str = "train",
+) -> TrainResult:
+    """Train `model` in place.
+
+    `on_step(model, step)` runs before each optimizer step's first micro-batch: the recipe uses it to switch fake
+    quantization on after N steps, and on resume it is called again for the restored step.
+    """
+    output_dir = Path(output_dir)
+    set_seed(seed)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = instantiate(optimizer_cfg, [p for p in model.parameters() if p.requires_grad])
+    dataloader = build_dataloader(dataset, cfg.batch_size, seed)
+    steps_per_epoch = len(dataloader) // (cfg.gradient_accumulation_steps * accelerator.num_processes)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"dataset has {len(dataset)} blocks: too few for one step of batch_size {cfg.batch_size} x "
+            f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} x {accelerator.num_processes} processes"
+        )
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    scheduler = instantiate(scheduler_cfg, optimizer, num_training_steps=total_steps) if scheduler_cfg else None
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    if scheduler is not None:
+        # Not through accelerate.prepare: it would step the schedule once per process. One step per optimizer step.
+        accelerator.register_for_checkpointing(scheduler)
+    eval_loader = (
+        accelerator.prepare(DataLoader(eval_dataset, batch_size=cfg.batch_size)) if eval_dataset is not None else None
+    )
+
+    step, epoch, batch_in_epoch, tokens, losses = 0, 0, 0, 0, []
+    ckpts = _checkpoints(output_dir)
+    if cfg.resume and ckpts:
+        accelerator.load_state(str(ckpts[-1]))
+        state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+        step, epoch, batch_in_epoch, tokens, losses = (
+            state["step"],
+            state["epoch"],
+            state["batch_in_epoch"],
+            state["tokens"],
+            state["losses"],
+        )
+        accelerator.print(f"resumed from {ckpts[-1]} (step {step})")
+    elif cfg.resume:
+        accelerator.print(f"resume=true but no checkpoint in {output_dir / 'checkpoints'}: starting from step 0")
+
+    metrics_path = output_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if step == 0:
+            metrics_path.unlink(missing_ok=True)
+    if cfg.trackers:
+        accelerator.init_trackers(run_name)
+    world = accelerator.num_processes
+    accelerator.print(
+        f"[{run_name}] world size {world}, global batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} x {world}"
+        f" = {cfg.batch_size * cfg.gradient_accumulation_steps * world} sequences, {total_steps} steps"
+    )
+
+    device = accelerator.device
+    bar = tqdm(total=total_steps, initial=step, desc=run_name, disable=not accelerator.is_main_process)
+    start, start_tokens = time.perf_counter(), tokens
+    step_losses: list[torch.Tensor] = []  # micro-batch losses of the optimizer step in progress
+    while step < total_steps:
+        dataloader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(dataloader, batch_in_epoch) if batch_in_epoch else dataloader
+        for batch in batches:
+            if on_step is not None and not step_losses:
+                on_step(accelerator.unwrap_model(model), step)
+            with accelerator.accumulate(model):
+                loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.clip_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            batch_in_epoch += 1
+            tokens += batch["input_ids"].numel() * world
+            step_losses.append(loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+            loss_value = accelerator.reduce(torch.stack(step_losses).mean(), reduction="mean").item()
+            step_losses = []
+            if not math.isfinite(loss_value):
+                good = _checkpoints(output_dir)
+                where = f"last good checkpoint: {good[-1]}" if good else "no checkpoint was saved"
+                raise TrainingError(
+                    f"loss became {loss_value} at step {step + 1} ({where}); lower optimizer.lr or clip_grad_norm"
+                )
+            if scheduler is not None:
+                scheduler.step()
+            step += 1
+            losses.append(loss_value)
+            elapsed = time.perf_counter() - start
+            record = {
+                "run": run_name,
+                "step": step,
+                "loss": loss_value,
+                "lr": optimizer.param_groups[0]["lr"],
+                "tokens": tokens,
+                "tokens_per_s": (tokens - start_tokens) / max(elapsed, 1e-9),
+                "peak_memory_bytes": peak_memory_bytes(device),
+            }
+            if cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0 and eval_loader is not None:
+                record["val_loss"] = validation_loss(model, eval_loader, cfg.eval_batches, accelerator)
+            if step % max(cfg.log_every_n_steps, 1) == 0 or "val_loss" in record:
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}",
+                    lr=f"{record['lr']:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                    mem=f"{record['peak_memory_bytes'] / 2**30:.1f}G",
+                )
+                if accelerator.is_main_process:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                if cfg.trackers:
+                    accelerator.log({k: v for k, v in record.items() if k != "run"}, step=step)
+            bar.update(1)
+            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
+                state = {
+                    "step": step,
+                    "epoch": epoch,
+                    "batch_in_epoch": batch_in_epoch,
+                    "tokens": tokens,
+                    "losses": losses,
+                }
+                save_checkpoint(accelerator, output_dir, state, cfg.keep_last_n_checkpoints)
+            if step >= total_steps:
+                break
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
+    bar.close()
+    if cfg.trackers:
+        accelerator.end_training()
+    wall = time.perf_counter() - start
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_disable()
+    return TrainResult(
+        steps=step,
+        tokens=tokens,
+        wall_s=wall,
+        tokens_per_s=(tokens - start_tokens) / max(wall, 1e-9),
+        peak_memory_bytes=peak_memory_bytes(device),
+        final_loss=losses[-1] if losses else float("nan"),
+        losses=losses,
+    )
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, loader: DataLoader, max_batches: int, accelerator: Accelerator) -> float:
+    model.eval()
+    total = []
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        total.append(model(input_ids=batch["input_ids"], labels=batch["labels"]).loss)
+    model.train()
+    return accelerator.reduce(torch.stack(total).mean(), reduction="mean").item()
