@@ -1,10 +1,12 @@
-"""The `tune` (alias `qatune`) command: ls | cp | validate | run | download.
+"""The `tune` (alias `qatune`) command: ls | cp | validate | run | download | estimate.
 
     tune ls
     tune cp llama3_8b ./my.yaml
     tune validate ./my.yaml [key=value ...]
     tune run qat_recipe --config llama3_8b batch_size=4 optimizer.lr=1e-5
     tune download HuggingFaceTB/SmolLM2-135M-Instruct [--output-dir DIR]
+    tune run --nproc_per_node 8 qat_recipe --config llama3_8b     # DDP/FSDP2 through torchrun + accelerate
+    tune estimate --config llama3_8b --nproc_per_node 8          # memory plan, no weights loaded
 
 User errors print one line `error: ...` and exit 2; set QATUNE_DEBUG=1 to see the traceback.
 """
@@ -45,10 +47,10 @@ def cmd_ls(args: argparse.Namespace) -> None:
 
 
 def cmd_cp(args: argparse.Namespace) -> None:
-    try:
-        src = registry.find_config(args.name)
-    except ConfigError:
+    if args.name in registry.list_recipes() or args.name.endswith(".py"):
         src = registry.find_recipe(args.name)  # `tune cp qat_recipe ./my_recipe.py` copies a recipe
+    else:
+        src = registry.find_config(args.name)
     dest = Path(args.destination)
     if dest.is_dir():
         dest = dest / src.name
@@ -87,8 +89,41 @@ def _recipes_for(name: str, path: Path) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    module, cfg = load_recipe_config(args.recipe, args.config, args.overrides)
+    module, cfg = load_recipe_config(args.recipe, args.config, args.overrides)  # fail fast, before any launch
+    if args.dry_run:
+        return cmd_estimate(args, cfg)
+    launched = "LOCAL_RANK" in os.environ  # already a worker of torchrun / accelerate launch
+    if (args.nproc_per_node > 1 or args.nnodes > 1) and not launched:
+        return launch(args)
     module.main(cfg)
+
+
+def launch(args: argparse.Namespace) -> None:
+    """Start nproc_per_node x nnodes workers with torchrun; each runs this same `tune run` (accelerate inside)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    flags = ["--nproc_per_node", str(args.nproc_per_node), "--nnodes", str(args.nnodes)]
+    if args.rdzv_endpoint:
+        flags += ["--rdzv_backend", "c10d", "--rdzv_endpoint", args.rdzv_endpoint]
+    elif args.nnodes == 1:
+        flags += ["--standalone"]
+    else:
+        raise ConfigError(f"--nnodes {args.nnodes} needs --rdzv_endpoint host:port (the rank-0 node's address)")
+    print(f"launching world size {args.nproc_per_node * args.nnodes} ({args.nnodes} node(s) x {args.nproc_per_node})")
+    try:
+        torchrun([*flags, "-m", "qatune.cli", "run", args.recipe, "--config", args.config, *args.overrides])
+    except ChildFailedError as e:
+        raise SystemExit(f"error: a worker failed: {' '.join(str(e).split())[:500]}") from None
+
+
+def cmd_estimate(args: argparse.Namespace, cfg: DictConfig | None = None) -> None:
+    from qatune.planner import estimate_from_config, format_plan
+
+    if cfg is None:
+        _, cfg = load_recipe_config(args.recipe, args.config, args.overrides)
+    gpus = args.nproc_per_node * args.nnodes
+    print(format_plan(estimate_from_config(cfg, num_gpus=gpus)))
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -120,7 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe name or path/to/recipe.py")
     p.add_argument("--config", required=True, help="config name or path to a YAML file")
     p.add_argument("overrides", nargs="*", help="key=value, +key=value, ~key")
+    _launcher_flags(p)
+    p.add_argument(
+        "--dry-run",
+        "--dry_run",
+        dest="dry_run",
+        action="store_true",
+        help="print the memory plan (tune estimate) instead of running; loads no weights",
+    )
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("estimate", help="memory plan of a recipe config on N GPUs, without loading weights")
+    p.add_argument("--recipe", default="qat_recipe")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="key=value, +key=value, ~key")
+    _launcher_flags(p)
+    p.set_defaults(fn=cmd_estimate)
 
     p = sub.add_parser("download", help="download a Hugging Face checkpoint to a local directory")
     p.add_argument("repo_id")
@@ -129,8 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launcher_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc_per_node", "--nproc-per-node", type=int, default=1, help="processes (GPUs) per node")
+    p.add_argument("--nnodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--rdzv_endpoint", "--rdzv-endpoint", help="host:port of the rank-0 node (multi-node)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after --config; argparse leaves the later ones over, so collect them here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") and not a.startswith("~")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         args.fn(args)
     except USER_ERRORS as e:

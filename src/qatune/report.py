@@ -1,0 +1,173 @@
+"""The run's report: report.json (machine readable), report.md (a table a person reads), report.png (a chart).
+
+Schema: {"model": {"path": ...}, "config": {...}, "results": {name: {"perplexity": ..., measure fields}},
+"recovery": float | None, "training": {steps, tokens, tokens_per_s, peak_memory_bytes, wall_s}, ...}.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from qatune.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+# Rows in this order, then any other models in the order they were added.
+MODEL_ORDER = ("bf16", "ptq", "qat", "bf16_finetuned", "ptq_finetuned")
+
+
+def _ppl(results: Mapping[str, Any], name: str) -> float | None:
+    entry = results.get(name)
+    value = entry.get("perplexity") if isinstance(entry, Mapping) else None
+    return float(value) if value is not None else None
+
+
+def recovery(results: Mapping[str, Any]) -> float | None:
+    """Share of PTQ's perplexity loss that QAT wins back: (ptq - qat) / (ptq - baseline).
+
+    With a fine-tuned float baseline the fair comparison is the same fine-tuning with and without fake quant,
+    both then quantized: baseline = bf16_finetuned, ptq = ptq_finetuned. Otherwise baseline = bf16, ptq = ptq.
+    None when an entry is missing or PTQ loses nothing (ptq == baseline).
+    """
+    if "bf16_finetuned" in results:
+        baseline, ptq = _ppl(results, "bf16_finetuned"), _ppl(results, "ptq_finetuned")
+    else:
+        baseline, ptq = _ppl(results, "bf16"), _ppl(results, "ptq")
+    qat = _ppl(results, "qat")
+    if baseline is None or ptq is None or qat is None or ptq == baseline:
+        return None
+    return (ptq - qat) / (ptq - baseline)
+
+
+def _ordered(results: Mapping[str, Any]) -> list[str]:
+    return [n for n in MODEL_ORDER if n in results] + [n for n in results if n not in MODEL_ORDER]
+
+
+def _mib(n: float | None) -> str:
+    return "—" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def table_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and one row of formatted cells per model (Δ is vs bf16)."""
+    header = ["model", "perplexity", "Δ ppl", "Δ %", "size", "linear bits/w", "peak memory", "prefill tok/s",
+              "decode tok/s"]  # fmt: skip
+    base = _ppl(results, "bf16")
+    rows = []
+    for name in _ordered(results):
+        r = results[name] if isinstance(results[name], Mapping) else {}
+        ppl = _ppl(results, name)
+        delta = ppl - base if ppl is not None and base is not None else None
+        delta_pct = 100 * delta / base if delta is not None and base else None
+        rows.append([
+            name,
+            _num(ppl, ".3f"),
+            _num(delta, "+.3f"),
+            _num(delta_pct, "+.1f") + ("%" if delta_pct is not None else ""),
+            _mib(r.get("size_bytes")),
+            _num(r.get("linear_bits_per_weight"), ".2f"),
+            _mib(r.get("peak_memory_bytes")),
+            _num(r.get("prefill_tokens_per_s"), ".1f"),
+            _num(r.get("decode_tokens_per_s"), ".2f"),
+        ])  # fmt: skip
+    return header, rows
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """The results table as aligned plain text, for the console."""
+    header, rows = table_rows(results)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in [header, *rows]]  # fmt: skip
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _training_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    runs = report.get("training_runs") or ({"qat": report["training"]} if report.get("training") else {})
+    rows = []
+    for name, t in runs.items():
+        rows.append([
+            name,
+            str(t.get("steps", "—")),
+            str(t.get("tokens", "—")),
+            _num(t.get("tokens_per_s"), ".1f"),
+            _mib(t.get("peak_memory_bytes")),
+            _num(t.get("wall_s"), ".1f"),
+        ])  # fmt: skip
+    return rows
+
+
+def format_markdown(report: Mapping[str, Any], png_name: str | None = None) -> str:
+    results = report.get("results", {})
+    lines = ["# qatune report", ""]
+    if report.get("model", {}).get("path"):
+        lines += [f"Model: `{report['model']['path']}`", ""]
+    lines += _markdown_table(*table_rows(results))
+    measured = [r for r in results.values() if isinstance(r, Mapping) and "threads" in r]
+    if measured:
+        r = measured[0]
+        lines += ["", f"Speed: batch 1, {r.get('prompt_len', '?')}-token prefill, {r.get('decode_tokens', '?')} greedy "
+                      f"decode steps with KV cache, median of {r.get('runs', '?')} runs; device {r.get('device')}, "
+                      f"{r.get('threads')} threads. Size is storage in memory; peak memory is the whole process."]  # fmt: skip
+    lines += [""]
+    rec = report.get("recovery", recovery(results))
+    if rec is not None:
+        pair = "bf16_finetuned vs ptq_finetuned" if "bf16_finetuned" in results else "bf16 vs ptq"
+        lines += [f"**Recovery: {100 * rec:.1f}%** of the perplexity PTQ loses is won back by QAT "
+                  f"((ptq − qat) / (ptq − baseline), {pair}).", ""]  # fmt: skip
+    training_rows = _training_rows(report)
+    if training_rows:
+        lines += ["## Training", ""]
+        lines += _markdown_table(["run", "steps", "tokens", "tokens/s", "peak memory", "wall s"], training_rows)
+        lines += [""]
+    if png_name:
+        lines += [f"![perplexity per model]({png_name})", ""]
+    return "\n".join(lines)
+
+
+def plot_perplexity(results: Mapping[str, Any]) -> bytes | None:
+    """A PNG bar chart of perplexity per model, or None when matplotlib (the `plot` extra) is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    names = [n for n in _ordered(results) if _ppl(results, n) is not None]
+    values = [_ppl(results, n) for n in names]
+    fig = Figure(figsize=(1.2 * max(len(names), 3) + 1, 3.5))
+    FigureCanvasAgg(fig)  # the Agg canvas without touching pyplot's global backend
+    ax = fig.add_subplot()
+    bars = ax.bar(names, values, color=["#888888" if n.startswith("bf16") else "#3b75af" for n in names])
+    ax.bar_label(bars, fmt="%.2f")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title("Perplexity per model")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def write_report(report: Mapping[str, Any], output_dir: str | Path) -> dict[str, Path]:
+    """Write report.json, report.md and report.png (skipped with a note without matplotlib) into `output_dir`."""
+    if "results" not in report:
+        raise ValueError(f"report needs a 'results' entry ({{model name: {{'perplexity': ...}}}}), got keys {list(report)}")
+    out = Path(output_dir)
+    paths = {"json": atomic_write_json(out / "report.json", report)}
+    png = plot_perplexity(report["results"])
+    if png is None:
+        print("report: matplotlib not installed (pip install 'qatune[plot]'): report.png skipped")
+    else:
+        paths["png"] = atomic_write_bytes(out / "report.png", png)
+    paths["md"] = atomic_write_text(out / "report.md", format_markdown(report, "report.png" if png else None))
+    return paths
