@@ -84,18 +84,20 @@ def main(cfg: DictConfig) -> dict:
         result = {}
         if accelerator.is_main_process:  # every rank holds the whole model: rank 0 measures it
             e = cfg.eval
-            result = perplexity(model, tokenizer, eval_texts, seq_len=e.seq_len, protocol=e.protocol,
-                                batch_size=e.batch_size)  # fmt: skip
+            result = perplexity(
+                model, tokenizer, eval_texts, seq_len=e.seq_len, protocol=e.protocol, batch_size=e.batch_size
+            )
             if e.measure:
                 result |= measure_model(model, tokenizer)
         accelerator.wait_for_everyone()
         return result
 
     def fine_tune(model: torch.nn.Module, name: str, on_step=None) -> dict:
-        run = train(model, train_data, cfg=train_cfg, optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.lr_scheduler,
-                    accelerator=accelerator, output_dir=out / name, seed=cfg.seed, on_step=on_step, run_name=name)  # fmt: skip
-        return {"steps": run.steps, "tokens": run.tokens, "tokens_per_s": run.tokens_per_s,
-                "peak_memory_bytes": run.peak_memory_bytes, "wall_s": run.wall_s, "final_loss": run.final_loss}  # fmt: skip
+        run = train(
+            model, train_data, cfg=train_cfg, optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.lr_scheduler,
+            accelerator=accelerator, output_dir=out / name, seed=cfg.seed, on_step=on_step, run_name=name,
+        )  # fmt: skip
+        return {k: v for k, v in vars(run).items() if k != "losses"}
 
     results, training = {}, {}
     start = time.perf_counter()

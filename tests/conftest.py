@@ -24,6 +24,7 @@ CHAT_TEMPLATE = (
 
 def _train_tiny_tokenizer():
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

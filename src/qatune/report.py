@@ -55,8 +55,8 @@ def _num(x: float | None, fmt: str) -> str:
 
 def table_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and one row of formatted cells per model (Δ is vs bf16)."""
-    header = ["model", "perplexity", "Δ ppl", "Δ %", "size", "linear bits/w", "peak memory", "prefill tok/s",
-              "decode tok/s"]  # fmt: skip
+    header = ["model", "perplexity", "Δ ppl", "Δ %", "size", "packed size", "linear bits/w", "peak memory",
+              "prefill tok/s", "decode tok/s"]  # fmt: skip
     base = _ppl(results, "bf16")
     rows = []
     for name in _ordered(results):
@@ -70,6 +70,7 @@ def table_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
             _num(delta, "+.3f"),
             _num(delta_pct, "+.1f") + ("%" if delta_pct is not None else ""),
             _mib(r.get("size_bytes")),
+            _mib(r.get("packed_size_bytes")),  # int4 values at 4 bits, as a packed runtime would hold them
             _num(r.get("linear_bits_per_weight"), ".2f"),
             _mib(r.get("peak_memory_bytes")),
             _num(r.get("prefill_tokens_per_s"), ".1f"),
@@ -119,7 +120,7 @@ def format_markdown(report: Mapping[str, Any], png_name: str | None = None) -> s
         r = measured[0]
         lines += ["", f"Speed: batch 1, {r.get('prompt_len', '?')}-token prefill, {r.get('decode_tokens', '?')} greedy "
                       f"decode steps with KV cache, median of {r.get('runs', '?')} runs; device {r.get('device')}, "
-                      f"{r.get('threads')} threads. Size is storage in memory; peak memory is the whole process."]  # fmt: skip
+                      f"{r.get('threads')} threads. Size: storage in memory (torchao keeps int4 values in int8); packed size and bits/w: int4 at 4 bits + scales. Peak memory: the whole process."]  # fmt: skip
     lines += [""]
     rec = report.get("recovery", recovery(results))
     if rec is not None:
@@ -150,6 +151,7 @@ def plot_perplexity(results: Mapping[str, Any]) -> bytes | None:
     ax = fig.add_subplot()
     bars = ax.bar(names, values, color=["#888888" if n.startswith("bf16") else "#3b75af" for n in names])
     ax.bar_label(bars, fmt="%.2f")
+    ax.margins(y=0.12)  # room for the labels above the tallest bar
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title("Perplexity per model")
     fig.tight_layout()

@@ -71,6 +71,8 @@ def make_accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         # A seedable sampler makes every epoch's shuffle a function of (seed, epoch): resume can replay it.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # The loop steps the schedule once per optimizer step, whatever the number of processes.
+        step_scheduler_with_optimizer=False,
         log_with=trackers or None,
         project_dir=output_dir,
     )
@@ -146,10 +148,9 @@ def train(
         )
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     scheduler = instantiate(scheduler_cfg, optimizer, num_training_steps=total_steps) if scheduler_cfg else None
-    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
-    if scheduler is not None:
-        # Not through accelerate.prepare: it would step the schedule once per process. One step per optimizer step.
-        accelerator.register_for_checkpointing(scheduler)
+    if scheduler is None:  # constant lr: one code path
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
     eval_loader = (
         accelerator.prepare(DataLoader(eval_dataset, batch_size=cfg.batch_size)) if eval_dataset is not None else None
     )
@@ -213,8 +214,7 @@ def train(
                 raise TrainingError(
                     f"loss became {loss_value} at step {step + 1} ({where}); lower optimizer.lr or clip_grad_norm"
                 )
-            if scheduler is not None:
-                scheduler.step()
+            scheduler.step()
             step += 1
             losses.append(loss_value)
             elapsed = time.perf_counter() - start
@@ -260,6 +260,7 @@ def train(
         accelerator.end_training()
     wall = time.perf_counter() - start
     model = accelerator.unwrap_model(model)
+    accelerator.free_memory()  # forget this run's objects: the next run's checkpoints hold only its own
     model.eval()
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_disable()

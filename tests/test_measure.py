@@ -1,0 +1,151 @@
+"""Size, peak memory and speed measurements on tiny Llamas (fp32 and torchao 8da4w)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup, quantize_
+
+from qatune.measure import _peak_rss_sampled, measure_model, model_size, peak_memory, throughput
+
+
+def ptq_8da4w(model: torch.nn.Module, group_size: int = 32) -> torch.nn.Module:
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size)))
+    return model
+
+
+def linear_weight_count(c) -> int:
+    head_dim = c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * head_dim
+    per_layer = 2 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size
+    return c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size  # + lm_head
+
+
+def parameter_count(c, tied: bool) -> int:
+    norms = (2 * c.num_hidden_layers + 1) * c.hidden_size
+    embed = c.vocab_size * c.hidden_size
+    return linear_weight_count(c) + norms + embed - (embed if tied else 0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_size_of_float_model_is_parameter_count_times_bytes(tied):
+    model = make_tiny_llama(tie_word_embeddings=tied)
+    c = model.config
+    size = model_size(model)
+    assert size["parameter_bytes"] == parameter_count(c, tied) * 4  # fp32, a tied weight counted once
+    assert size["buffer_bytes"] > 0  # rotary inv_freq
+    assert size["total_bytes"] == size["packed_bytes"] == size["parameter_bytes"] + size["buffer_bytes"]
+    assert size["linear_weights"] == linear_weight_count(c)
+    assert size["linear_bits_per_weight"] == size["linear_storage_bits_per_weight"] == 32.0
+
+    half = model_size(make_tiny_llama(tie_word_embeddings=tied).to(torch.bfloat16))
+    assert half["parameter_bytes"] == parameter_count(c, tied) * 2
+    assert half["linear_bits_per_weight"] == 16.0
+
+
+@pytest.mark.parametrize(("dtype", "packed_bits", "storage_bits"), [(torch.float32, 5.0, 9.25), (torch.bfloat16, 4.5, 8.75)])
+def test_ptq_8da4w_bits_per_weight(dtype, packed_bits, storage_bits):
+    # int4 values held in int8 (8 bits) + one scale (model dtype) and one int8 zero point per 32 weights;
+    # packed: 4 bits + the scale, the all-zero symmetric zero points dropped.
+    model = ptq_8da4w(make_tiny_llama().to(dtype))
+    c, n = model.config, linear_weight_count(model.config)
+    size = model_size(model)
+    assert size["linear_weights"] == n
+    assert size["linear_storage_bits_per_weight"] == storage_bits
+    assert size["linear_bits_per_weight"] == packed_bits
+    scale_bytes = torch.finfo(dtype).bits // 8
+    embed_and_norms = (c.vocab_size * c.hidden_size + (2 * c.num_hidden_layers + 1) * c.hidden_size) * scale_bytes
+    assert size["parameter_bytes"] == embed_and_norms + n + n // 32 * (scale_bytes + 1)
+    assert size["packed_bytes"] == embed_and_norms + n // 2 + n // 32 * scale_bytes + size["buffer_bytes"]
+
+
+def test_ptq_with_tied_embeddings_keeps_a_float_embedding():
+    model = ptq_8da4w(make_tiny_llama(tie_word_embeddings=True))
+    c = model.config
+    size = model_size(model)
+    assert size["linear_bits_per_weight"] == 5.0  # lm_head quantized too
+    # The embedding stays fp32 beside the now-quantized lm_head: both are in memory.
+    assert size["parameter_bytes"] > c.vocab_size * c.hidden_size * 4 + size["linear_bytes"]
+
+
+def test_model_size_of_checkpoint_dir_is_bytes_on_disk(tmp_path):
+    model = make_tiny_llama()
+    model.save_pretrained(tmp_path / "ckpt")
+    size = model_size(tmp_path / "ckpt")
+    on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp_path / "ckpt") for f in fs)
+    assert size["total_bytes"] == on_disk
+    assert set(size["files"]) >= {"model.safetensors", "config.json"}
+    assert size["files"]["model.safetensors"] > model_size(model)["parameter_bytes"]  # + header
+    assert model_size(tmp_path / "ckpt" / "config.json")["total_bytes"] == size["files"]["config.json"]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        model_size(tmp_path / "nope")
+    with pytest.raises(ValueError, match="dict"):
+        model_size({})
+
+
+def _allocate(mib: int) -> int:
+    t = torch.ones(mib * 2**20 // 4)  # ones: the pages are touched, so they count in RSS
+    return int(t.numel())
+
+
+def test_peak_memory_sees_a_temporary_allocation():
+    before_result, before_peak = peak_memory(lambda: _allocate(1))
+    result, peak = peak_memory(lambda: _allocate(128))
+    assert before_result == 2**18 and result == 2**25  # fn's result comes back
+    assert peak - before_peak > 120 * 2**20
+    # The high-water mark is reset per call: a small call after a big one reads small again.
+    _, after_peak = peak_memory(lambda: _allocate(1))
+    assert after_peak < peak - 100 * 2**20
+
+
+def test_peak_rss_sampled_fallback_sees_an_allocation():
+    import time
+
+    def hold():
+        t = torch.ones(128 * 2**18)
+        time.sleep(0.05)  # the sampler runs every millisecond
+        return t.numel()
+
+    _, small = _peak_rss_sampled(lambda: _allocate(1), 0.001)
+    result, peak = _peak_rss_sampled(hold, 0.001)
+    assert result == 128 * 2**18
+    assert peak - small > 120 * 2**20
+
+
+def test_throughput_returns_positive_speeds_and_run_count(tiny_tokenizer):
+    model = make_tiny_llama()
+    speed = throughput(model, tiny_tokenizer, prompt_len=16, decode_tokens=4, runs=5, warmup=1)
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+        assert math.isfinite(speed[key]) and speed[key] > 0
+    assert len(speed["prefill_s"]) == len(speed["decode_s"]) == speed["runs"] == 5
+    assert speed["threads"] == torch.get_num_threads()
+    assert speed["device"] == "cpu"
+    assert not model.training
+
+    by_vocab = throughput(ptq_8da4w(make_tiny_llama()), 512, prompt_len=8, decode_tokens=2, runs=3, warmup=0)
+    assert len(by_vocab["decode_s"]) == 3 and by_vocab["decode_tokens_per_s"] > 0
+
+
+def test_throughput_rejects_bad_arguments():
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match="runs"):
+        throughput(model, 512, runs=0)
+    with pytest.raises(ValueError, match="max_position_embeddings 512"):
+        throughput(model, 512, prompt_len=500, decode_tokens=32)
+    with pytest.raises(ValueError, match="vocab size"):
+        throughput(model, 0)
+
+
+def test_measure_model_has_the_report_keys(tiny_tokenizer):
+    model = ptq_8da4w(make_tiny_llama())
+    m = measure_model(model, tiny_tokenizer, prompt_len=16, decode_tokens=4, runs=5, warmup=1)
+    assert {"size_bytes", "linear_bits_per_weight", "peak_memory_bytes", "prefill_tokens_per_s",
+            "decode_tokens_per_s", "threads", "device"} <= set(m)  # fmt: skip
+    assert m["size_bytes"] == model_size(model)["total_bytes"]
+    assert m["linear_bits_per_weight"] == 5.0
+    assert m["peak_memory_bytes"] >= m["size_bytes"]  # the whole process, weights included
+    assert m["prefill_tokens_per_s"] > 0 and m["decode_tokens_per_s"] > 0

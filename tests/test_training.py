@@ -1,0 +1,100 @@
+"""The accelerate training loop: resume equals an uninterrupted run, NaN stops cleanly, accumulation is exact."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from torch.utils.data import Dataset
+
+from qatune.training import TrainConfig, TrainingError, _checkpoints, make_accelerator, train
+
+ADAMW = {"_component_": "torch.optim.AdamW", "lr": 3e-3}
+COSINE = {"_component_": "transformers.get_cosine_schedule_with_warmup", "num_warmup_steps": 2}
+
+
+class Blocks(Dataset):
+    """Token blocks with learnable structure (each block counts up from a random start)."""
+
+    def __init__(self, n: int = 32, seq_len: int = 32, vocab: int = 512, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, vocab, (n, 1), generator=g)
+        self.ids = (starts + torch.arange(seq_len)) % vocab
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_at(step_to_die: int):
+    def on_step(model, step):
+        if step == step_to_die:
+            raise Killed  # as if the process died right after the checkpoint of `step_to_die`
+
+    return on_step
+
+
+def run(tmp_path, name, optimizer=ADAMW, on_step=None, **overrides):
+    cfg = TrainConfig(**{"batch_size": 4, "max_steps": 6, **overrides})
+    acc = make_accelerator(torch.device("cpu"), cfg.gradient_accumulation_steps, str(tmp_path))
+    model = make_tiny_llama(seed=1)
+    result = train(
+        model, Blocks(), cfg=cfg, optimizer_cfg=optimizer, scheduler_cfg=COSINE,
+        accelerator=acc, output_dir=tmp_path / name, seed=0, on_step=on_step,
+    )  # fmt: skip
+    return model, result
+
+
+def test_loss_decreases_and_metrics_are_written(tmp_path):
+    _, result = run(tmp_path, "a", max_steps=8)
+    assert result.steps == 8 and result.tokens == 8 * 4 * 32
+    assert result.losses[-1] < result.losses[0] - 0.25
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 9))
+    assert lines[0]["lr"] < lines[2]["lr"]  # warm-up
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full_model, full = run(tmp_path, "full", max_steps=6)
+    # Interrupted after the checkpoint of step 3, then resumed to 6 with a fresh model and optimizer.
+    with pytest.raises(Killed):
+        run(tmp_path, "cut", save_every_n_steps=3, on_step=kill_at(3))
+    assert [p.name for p in _checkpoints(tmp_path / "cut")] == ["step_3"]
+    resumed_model, resumed = run(tmp_path, "cut", save_every_n_steps=3, resume=True)
+    assert resumed.steps == 6
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
+    for (n, a), (_, b) in zip(full_model.state_dict().items(), resumed_model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_resume_across_epoch_boundary(tmp_path):
+    # 32 blocks / batch 4 = 8 steps per epoch: cut at 6, resume to 12 (crosses into epoch 1).
+    _, full = run(tmp_path, "full", max_steps=12)
+    with pytest.raises(Killed):
+        run(tmp_path, "cut", max_steps=12, save_every_n_steps=6, on_step=kill_at(6))
+    _, resumed = run(tmp_path, "cut", max_steps=12, save_every_n_steps=6, resume=True)
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
+
+
+def test_gradient_accumulation_matches_big_batch(tmp_path):
+    _, big = run(tmp_path, "big", batch_size=4, max_steps=4, optimizer={"_component_": "torch.optim.SGD", "lr": 0.1})
+    _, acc = run(tmp_path, "acc", batch_size=2, gradient_accumulation_steps=2, max_steps=4,
+                 optimizer={"_component_": "torch.optim.SGD", "lr": 0.1})  # fmt: skip
+    assert acc.losses == pytest.approx(big.losses, rel=1e-4)
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
+    bad = {"_component_": "torch.optim.SGD", "lr": 1e12}
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step (\d+).*last good checkpoint: .*step_") as e:
+        run(tmp_path, "nan", max_steps=20, save_every_n_steps=1, clip_grad_norm=None, optimizer=bad)
+    bad_step = int(e.value.args[0].split(" at step ")[1].split()[0])
+    ckpts = _checkpoints(tmp_path / "nan")
+    state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+    assert state["step"] == bad_step - 1 and all(torch.isfinite(torch.tensor(state["losses"])))
+    assert not list((tmp_path / "nan" / "checkpoints").glob(".*tmp"))  # no half-written checkpoint left
