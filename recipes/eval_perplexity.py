@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from qatune.data import DatasetConfig, load_texts
+from qatune.data import DatasetConfig, check_dataset_config, load_texts
 from qatune.device import resolve_device
 from qatune.evaluation import perplexity
 from qatune.files import atomic_write_json
@@ -46,6 +46,7 @@ class Config:
 
 
 def check_config(cfg: DictConfig) -> None:
+    check_dataset_config(cfg.dataset)
     for entry in [cfg, *cfg.compare_with]:
         if entry.quantize is not None:
             resolve_quantizer({"scheme": entry.quantize, "group_size": entry.group_size})

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qatune.data import DatasetConfig, build_dataset, load_texts
+from qatune.data import DatasetConfig, build_dataset, check_dataset_config, load_texts
 from qatune.device import resolve_device
 from qatune.evaluation import perplexity
 from qatune.measure import measure_model
@@ -67,7 +67,10 @@ class Config(TrainConfig):
 
 
 def check_config(cfg: DictConfig) -> None:
+    """Checks that need no weights, run by `tune validate` and before `tune run` starts."""
     resolve_quantizer(cfg.quantizer)
+    check_dataset_config(cfg.dataset)
+    check_dataset_config(cfg.eval_dataset)
 
 
 def main(cfg: DictConfig) -> dict:

@@ -14,7 +14,9 @@ from qatune.measure import _peak_rss_sampled, measure_model, model_size, peak_me
 
 
 def ptq_8da4w(model: torch.nn.Module, group_size: int = 32) -> torch.nn.Module:
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size)))
+    quantize_(
+        model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+    )
     return model
 
 
@@ -47,7 +49,9 @@ def test_model_size_of_float_model_is_parameter_count_times_bytes(tied):
     assert half["linear_bits_per_weight"] == 16.0
 
 
-@pytest.mark.parametrize(("dtype", "packed_bits", "storage_bits"), [(torch.float32, 5.0, 9.25), (torch.bfloat16, 4.5, 8.75)])
+@pytest.mark.parametrize(
+    ("dtype", "packed_bits", "storage_bits"), [(torch.float32, 5.0, 9.25), (torch.bfloat16, 4.5, 8.75)]
+)
 def test_ptq_8da4w_bits_per_weight(dtype, packed_bits, storage_bits):
     # int4 values held in int8 (8 bits) + one scale (model dtype) and one int8 zero point per 32 weights;
     # packed: 4 bits + the scale, the all-zero symmetric zero points dropped.

@@ -51,8 +51,13 @@ def full_report() -> dict:
         "config": {"seed": 0, "quantizer": {"scheme": "8da4w", "group_size": 32}},
         "results": r,
         "recovery": recovery(r),
-        "training": {"steps": 40, "tokens": 81920, "tokens_per_s": 35.5, "peak_memory_bytes": 3 * 2**30,
-                     "wall_s": 2300.0},  # fmt: skip
+        "training": {
+            "steps": 40,
+            "tokens": 81920,
+            "tokens_per_s": 35.5,
+            "peak_memory_bytes": 3 * 2**30,
+            "wall_s": 2300.0,
+        },
     }
 
 

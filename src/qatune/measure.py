@@ -94,9 +94,7 @@ def model_size(model_or_dir: nn.Module | str | Path) -> dict[str, Any]:
             return {"kind": "checkpoint", "path": str(path), "total_bytes": path.stat().st_size}
         raise FileNotFoundError(f"model_size: {str(path)!r} is neither a checkpoint directory nor a file")
     if not isinstance(model_or_dir, nn.Module):
-        raise ValueError(
-            f"model_size takes an nn.Module or a checkpoint path, got {type(model_or_dir).__name__}"
-        )
+        raise ValueError(f"model_size takes an nn.Module or a checkpoint path, got {type(model_or_dir).__name__}")
     model = model_or_dir
 
     param = [tensor_bytes(p) for p in model.parameters()]  # parameters() yields a tied weight once
@@ -152,7 +150,9 @@ def current_memory(device: torch.device | str = "cpu") -> int:
     return psutil.Process().memory_info().rss
 
 
-def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu", interval_s: float = 0.001) -> tuple[Any, int]:
+def peak_memory(
+    fn: Callable[[], Any], device: torch.device | str = "cpu", interval_s: float = 0.001
+) -> tuple[Any, int]:
     """Run `fn()`; return (its result, the peak bytes in use while it ran).
 
     CUDA: torch's peak allocated memory on `device`. CPU: the process's peak RSS (see the module docstring).

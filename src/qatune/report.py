@@ -118,9 +118,13 @@ def format_markdown(report: Mapping[str, Any], png_name: str | None = None) -> s
     measured = [r for r in results.values() if isinstance(r, Mapping) and "threads" in r]
     if measured:
         r = measured[0]
-        lines += ["", f"Speed: batch 1, {r.get('prompt_len', '?')}-token prefill, {r.get('decode_tokens', '?')} greedy "
-                      f"decode steps with KV cache, median of {r.get('runs', '?')} runs; device {r.get('device')}, "
-                      f"{r.get('threads')} threads. Size: storage in memory (torchao keeps int4 values in int8); packed size and bits/w: int4 at 4 bits + scales. Peak memory: the whole process."]  # fmt: skip
+        lines += [
+            "",
+            f"Speed: batch 1, {r.get('prompt_len', '?')}-token prefill, {r.get('decode_tokens', '?')} greedy decode "
+            f"steps with KV cache, median of {r.get('runs', '?')} runs; device {r.get('device')}, {r.get('threads')} "
+            "threads. Size: storage in memory (torchao keeps int4 values in int8); packed size and bits/w: int4 at "
+            "4 bits + scales. Peak memory: the whole process (Python, torch, data and every model alive in it).",
+        ]
     lines += [""]
     rec = report.get("recovery", recovery(results))
     if rec is not None:
@@ -163,7 +167,9 @@ def plot_perplexity(results: Mapping[str, Any]) -> bytes | None:
 def write_report(report: Mapping[str, Any], output_dir: str | Path) -> dict[str, Path]:
     """Write report.json, report.md and report.png (skipped with a note without matplotlib) into `output_dir`."""
     if "results" not in report:
-        raise ValueError(f"report needs a 'results' entry ({{model name: {{'perplexity': ...}}}}), got keys {list(report)}")
+        raise ValueError(
+            f"report needs a 'results' entry ({{model name: {{'perplexity': ...}}}}), got keys {list(report)}"
+        )
     out = Path(output_dir)
     paths = {"json": atomic_write_json(out / "report.json", report)}
     png = plot_perplexity(report["results"])

