@@ -259,6 +259,8 @@ def train(
     if cfg.trackers:
         accelerator.end_training()
     wall = time.perf_counter() - start
+    if world > 1:
+        check_replicas_identical(model, accelerator)
     model = accelerator.unwrap_model(model)
     accelerator.free_memory()  # forget this run's objects: the next run's checkpoints hold only its own
     model.eval()
@@ -273,6 +275,16 @@ def train(
         final_loss=losses[-1] if losses else float("nan"),
         losses=losses,
     )
+
+
+@torch.no_grad()
+def check_replicas_identical(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """DDP keeps one copy of the weights per rank; they must agree bit for bit after training."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+    sums = accelerator.gather(checksum.reshape(1).to(accelerator.device)).cpu()
+    if not torch.all(sums == sums[0]):
+        raise TrainingError(f"parameters differ across ranks after training (checksums {sums.tolist()})")
+    accelerator.print(f"parameters identical on all {len(sums)} ranks (checksum {sums[0].item():.6f})")
 
 
 @torch.no_grad()

@@ -1,0 +1,106 @@
+"""The QAT recipe end to end on a tiny random Llama (seconds), and on the real SmolLM2 (slow)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import make_tiny_llama
+
+from qatune.cli import load_recipe_config
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_tokenizer):
+    path = tmp_path / "tiny"
+    model = make_tiny_llama(vocab_size=len(tiny_tokenizer), tie_word_embeddings=True)
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_overrides(ckpt, out, *extra):
+    return [
+        f"model.path={ckpt}", f"output_dir={out}", "seq_len=64", "batch_size=2", "max_steps=4",
+        "eval.seq_len=64", "eval.measure=false", "+eval_dataset.max_documents=4", "optimizer.lr=1e-3",
+        "lr_scheduler.num_warmup_steps=1", *extra,
+    ]  # fmt: skip
+
+
+def run_recipe(overrides):
+    module, cfg = load_recipe_config("qat_recipe", "smollm2_135m", overrides)
+    return module.main(cfg)
+
+
+def test_tiny_end_to_end_report_and_int4_checkpoint(tiny_checkpoint, tmp_path, tiny_tokenizer):
+    out = tmp_path / "out"
+    report = run_recipe(tiny_overrides(tiny_checkpoint, out, "compare.finetune_baseline=true"))
+    saved = json.loads((out / "report.json").read_text())
+    assert set(saved["results"]) == {"bf16", "ptq", "qat", "bf16_finetuned", "ptq_finetuned"}
+    for r in saved["results"].values():
+        assert 1.0 < r["perplexity"] < 1e4
+    assert saved["training"]["steps"] == 4 and saved["training"]["tokens"] == 4 * 2 * 64
+    assert saved["config"]["model"]["path"] == str(tiny_checkpoint)
+    r = saved["results"]
+    expected = (r["ptq_finetuned"]["perplexity"] - r["qat"]["perplexity"]) / (
+        r["ptq_finetuned"]["perplexity"] - r["bf16_finetuned"]["perplexity"]
+    )
+    assert saved["recovery"] == pytest.approx(expected)
+    assert (out / "report.md").is_file() and report["results"]["qat"]["perplexity"] == r["qat"]["perplexity"]
+    steps = [json.loads(x)["step"] for x in (out / "qat" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+    # The saved int4 dir, loaded by plain transformers + torchao in a fresh process, gives the report's perplexity.
+    code = f"""
+import json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from qatune.evaluation import perplexity
+from qatune.data import python_docs
+d = {str(out / "int4")!r}
+m = AutoModelForCausalLM.from_pretrained(d); t = AutoTokenizer.from_pretrained(d)
+print(json.dumps(perplexity(m, t, python_docs("validation")[:4], seq_len=64, batch_size=4, progress=False)))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert fresh["perplexity"] == pytest.approx(r["qat"]["perplexity"], rel=1e-4)
+
+
+def test_delayed_fake_quant_trains_float_first(tiny_checkpoint, tmp_path):
+    # With fake quant delayed past the last step, QAT training is exactly float training: same loss curve.
+    base = tiny_overrides(tiny_checkpoint, tmp_path / "a", "compare.baseline=false", "compare.finetune_baseline=true")
+    delayed = run_recipe([*base, "quantizer.fake_quant_after_n_steps=100"])
+    losses = {
+        run: [json.loads(x)["loss"] for x in (tmp_path / "a" / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("qat", "bf16_finetuned")
+    }
+    assert losses["qat"] == pytest.approx(losses["bf16_finetuned"], rel=1e-6)
+    # Switched on after 2 steps: steps 1-2 equal the float run, step 3 onward differ.
+    run_recipe([*base[:1], f"output_dir={tmp_path / 'b'}", *base[2:], "quantizer.fake_quant_after_n_steps=2"])
+    qat = [json.loads(x)["loss"] for x in (tmp_path / "b" / "qat" / "metrics.jsonl").read_text().splitlines()]
+    assert qat[:2] == pytest.approx(losses["bf16_finetuned"][:2], rel=1e-6)
+    assert qat[2] != pytest.approx(losses["bf16_finetuned"][2], rel=1e-6)
+    assert delayed["results"]["qat"]["perplexity"] > 0
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny_checkpoint, tmp_path):
+    """DDP over gloo on CPU: identical parameters on both ranks, and the 1-process loss curve."""
+    common = tiny_overrides(tiny_checkpoint, tmp_path, "compare.baseline=false", "+quantizer.skip=[lm_head]")
+    one = [*common, f"output_dir={tmp_path / 'one'}", "batch_size=4"]
+    two = [*common, f"output_dir={tmp_path / 'two'}", "batch_size=2"]
+    tune = [sys.executable, "-m", "qatune.cli", "run"]
+    for launcher, overrides in (([], one), (["--nproc_per_node", "2"], two)):
+        proc = subprocess.run(
+            [*tune, *launcher, "qat_recipe", "--config", "smollm2_135m", *overrides],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout and "parameters identical on all 2 ranks" in proc.stdout
+    curves = [
+        [json.loads(x)["loss"] for x in (tmp_path / name / "qat" / "metrics.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    ]
+    assert curves[1] == pytest.approx(curves[0], rel=1e-4)
+    reports = [json.loads((tmp_path / n / "report.json").read_text()) for n in ("one", "two")]
+    ppl = [r["results"]["qat"]["perplexity"] for r in reports]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-3)
