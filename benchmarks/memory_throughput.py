@@ -22,37 +22,9 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 SCHEMES = ("float", "8da4w", "4w")
 MARKER = "RESULT "
-
-
-def resolve_model(name: str) -> Path:
-    if Path(name).is_dir():
-        return Path(name)
-    from qatune.models import resolve_model_path
-
-    return Path(resolve_model_path(name))
-
-
-def quantize(model, scheme: str, group_size: int):
-    import torch
-    from torchao.quantization import (
-        Int8DynamicActivationIntxWeightConfig,
-        IntxWeightOnlyConfig,
-        PerGroup,
-        quantize_,
-    )
-
-    if scheme == "8da4w":
-        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
-    elif scheme == "4w":
-        config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
-    else:
-        raise ValueError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
-    quantize_(model, config)
-    return model
 
 
 def own_weights(model) -> None:
@@ -83,17 +55,19 @@ def measure_one(args: argparse.Namespace) -> dict:
 
     from qatune.device import resolve_device
     from qatune.measure import measure_model
+    from qatune.models import resolve_model_path
+    from qatune.quantization import quantize_ptq_, resolve_quantizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 is slower than fp32 on this CPU
-    path = resolve_model(args.model)
+    path = resolve_model_path(args.model)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if args.one != "float":
-        quantize(model, args.one, args.group_size)
+        quantize_ptq_(model, resolve_quantizer({"scheme": args.one, "group_size": args.group_size}))
     own_weights(model)
     load_s = time.perf_counter() - start
     row = measure_model(
@@ -158,8 +132,9 @@ def main() -> None:
         parser.error(f"unknown scheme(s) {unknown}; choose from {SCHEMES}")
     rows = []
     for scheme in schemes:
-        rows.append(run_child(scheme, args))
-        print(f"measured {scheme}", file=sys.stderr, flush=True)
+        row = run_child(scheme, args)
+        rows.append(row)
+        print(f"measured {scheme}: {json.dumps(row)}", file=sys.stderr, flush=True)
     first = rows[0]
     print(f"{args.model}: batch 1, prefill {first['prompt_len']} tokens, {first['decode_tokens']} greedy decode "
           f"steps with KV cache, median of {first['runs']} runs after 1 warm-up; device {first['device']}")  # fmt: skip

@@ -78,7 +78,7 @@ def main(cfg: DictConfig) -> dict:
     q = resolve_quantizer(cfg.quantizer)
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(device, cfg.gradient_accumulation_steps, str(out), list(cfg.trackers))
-    tokenizer = load_tokenizer(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path, revision=cfg.model.revision)
     train_data = build_dataset(cfg.dataset, tokenizer, cfg.seq_len)
     eval_texts = load_texts(cfg.eval_dataset)
     train_cfg = TrainConfig(**{k: cfg[k] for k in TrainConfig.__dataclass_fields__})
@@ -105,19 +105,19 @@ def main(cfg: DictConfig) -> dict:
     results, training = {}, {}
     start = time.perf_counter()
     if cfg.compare.baseline:
-        model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=device)
+        model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=device, revision=cfg.model.revision)
         results["bf16"] = evaluate(model)
         results["ptq"] = evaluate(quantize_ptq_(model, q))
         del model
 
     if cfg.compare.finetune_baseline:
-        model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=device)
+        model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=device, revision=cfg.model.revision)
         training["bf16_finetuned"] = fine_tune(model, "bf16_finetuned")
         results["bf16_finetuned"] = evaluate(model)
         results["ptq_finetuned"] = evaluate(quantize_ptq_(model, q))
         del model
 
-    model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=device)
+    model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=device, revision=cfg.model.revision)
     fake_quantize_(model, q)
 
     def delayed_fake_quant(model: torch.nn.Module, step: int) -> None:

@@ -153,3 +153,19 @@ def test_measure_model_has_the_report_keys(tiny_tokenizer):
     assert m["linear_bits_per_weight"] == 5.0
     assert m["peak_memory_bytes"] >= m["size_bytes"]  # the whole process, weights included
     assert m["prefill_tokens_per_s"] > 0 and m["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_smollm2_size_fp32_and_8da4w(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+
+    from qatune.quantization import quantize_ptq_, resolve_quantizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    c = model.config
+    assert parameter_count(c, tied=True) == 134_515_008  # SmolLM2-135M, embeddings tied
+    assert model_size(model)["parameter_bytes"] == 134_515_008 * 4
+    quantize_ptq_(model, resolve_quantizer({"scheme": "8da4w", "group_size": 32}))
+    size = model_size(model)
+    assert size["linear_weights"] == linear_weight_count(c)  # every linear, lm_head included, is int4
+    assert size["linear_bits_per_weight"] == 5.0 and size["linear_storage_bits_per_weight"] == 9.25

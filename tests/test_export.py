@@ -1,0 +1,285 @@
+"""GGUF and ExecuTorch export carry the int4 codes torchao trained, byte for byte, and runtimes read them back."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_llama
+from torch import nn
+from torchao.quantization import (
+    Int8DynamicActivationIntxWeightConfig,
+    IntxUnpackedToInt8Tensor,
+    MappingType,
+    PerGroup,
+    quantize_,
+)
+
+from qatune.export import export_executorch, export_gguf, generate_pte, permute_for_llama_cpp
+
+Q4_0 = gguf.GGMLQuantizationType.Q4_0
+
+
+def int4_model(group_size: int = 32, tied: bool = False, lm_head: bool = True, layers: int = 2, **config) -> nn.Module:
+    model = make_tiny_llama(tie_word_embeddings=tied, layers=layers)
+    scheme = Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=config.pop("weight_dtype", torch.int4), weight_granularity=PerGroup(group_size), **config
+    )
+    quantize_(model, scheme, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and (lm_head or fqn != "lm_head"))
+    return model
+
+
+def unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of permute_for_llama_cpp, written from llama.cpp's layout (interleaved rotary pairs)."""
+    return rows.reshape(n_head, rows.shape[0] // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def q4_0_codes_and_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decode Q4_0 bytes per ggml's block_q4_0: fp16 d, then 16 bytes of (element j | element j + 16 << 4), q + 8."""
+    rows = blocks.shape[0]
+    blocks = blocks.reshape(rows, -1, 18)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0]
+    qs = blocks[..., 2:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int8) - 8
+    return codes.reshape(rows, -1), d
+
+
+def gguf_tensors(path) -> dict[str, gguf.ReaderTensor]:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def linear_weights(model: nn.Module) -> dict[str, IntxUnpackedToInt8Tensor]:
+    return {
+        f"{name}.weight": m.weight
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and isinstance(m.weight, IntxUnpackedToInt8Tensor)
+    }
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_q4_0_blocks_hold_torchao_codes_and_scales_exactly(tmp_path, tiny_tokenizer, group_size):
+    model = int4_model(group_size)
+    path = export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", embeddings="f32")
+    tensors = gguf_tensors(path)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    weights = linear_weights(model)
+    assert len(weights) == 2 * 7 + 1  # every projection of both layers, and lm_head
+    heads = {"q_proj": model.config.num_attention_heads, "k_proj": model.config.num_key_value_heads}
+    for hf_name, w in weights.items():
+        t = tensors[name_map.get_name(hf_name, try_suffixes=(".weight",))]
+        assert t.tensor_type == Q4_0 and tuple(t.shape[::-1]) == tuple(w.shape)
+        blocks = np.asarray(t.data)
+        dequant = gguf.quants.dequantize(blocks, Q4_0).reshape(w.shape)
+        codes, d = q4_0_codes_and_scales(blocks)
+        n_head = next((h for key, h in heads.items() if key in hf_name), None)
+        if n_head:
+            dequant, codes, d = unpermute(dequant, n_head), unpermute(codes, n_head), unpermute(d, n_head)
+        # int4 codes: byte-exact; one fp16 scale per torchao group, repeated over its blocks of 32
+        np.testing.assert_array_equal(codes, w.qdata.numpy())
+        scale16 = w.scale.float().numpy().astype(np.float16)
+        np.testing.assert_array_equal(d, np.repeat(scale16, group_size // 32, axis=1))
+        # the values llama.cpp computes are torchao's, up to the fp16 rounding of the scale
+        torchao_fp16 = (w.qdata.float() * torch.from_numpy(scale16).float().repeat_interleave(group_size, 1)).numpy()
+        np.testing.assert_array_equal(dequant, torchao_fp16)
+        np.testing.assert_allclose(dequant, w.dequantize().numpy(), rtol=1e-3, atol=1e-7)
+
+
+def test_gguf_metadata_and_tokenizer(tmp_path, tiny_tokenizer):
+    model = int4_model()
+    reader = gguf.GGUFReader(export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf"))
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    c = model.config
+    expected = {
+        "general.architecture": "llama",
+        "general.file_type": int(gguf.LlamaFileType.MOSTLY_Q4_0),
+        "llama.block_count": c.num_hidden_layers,
+        "llama.context_length": c.max_position_embeddings,
+        "llama.embedding_length": c.hidden_size,
+        "llama.feed_forward_length": c.intermediate_size,
+        "llama.attention.head_count": c.num_attention_heads,
+        "llama.attention.head_count_kv": c.num_key_value_heads,
+        "llama.rope.dimension_count": c.hidden_size // c.num_attention_heads,
+        "llama.vocab_size": c.vocab_size,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.bos_token_id": tiny_tokenizer.bos_token_id,
+        "tokenizer.ggml.eos_token_id": tiny_tokenizer.eos_token_id,
+        "tokenizer.ggml.padding_token_id": tiny_tokenizer.pad_token_id,
+        "tokenizer.chat_template": tiny_tokenizer.chat_template,
+    }
+    assert {k: fields.get(k) for k in expected} == expected
+    assert fields["llama.rope.freq_base"] == pytest.approx(c.rope_parameters["rope_theta"])
+    assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(c.rms_norm_eps)
+    vocab = tiny_tokenizer.get_vocab()
+    assert fields["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
+    types = fields["tokenizer.ggml.token_type"]
+    assert [types[vocab[t]] for t in ("<|im_start|>", "<|im_end|>")] == [gguf.TokenType.CONTROL] * 2
+    assert types[vocab["the"]] == gguf.TokenType.NORMAL
+    merges = json.loads(tiny_tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    assert fields["tokenizer.ggml.merges"] == [" ".join(pair) for pair in merges]
+    norms = gguf_tensors(reader.data.filename)
+    assert norms["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+
+
+def test_transformers_reads_the_gguf_as_the_int4_model(tmp_path, tiny_tokenizer):
+    """An independent GGUF reader (transformers: its own un-permute and gguf dequantize) rebuilds torchao's weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = int4_model(64)
+    export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", embeddings="f32")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
+    reference = make_tiny_llama()  # float twin holding the int4 values (fp16 scales) that llama.cpp will multiply by
+    with torch.no_grad():
+        for name, w in linear_weights(model).items():
+            scale16 = w.scale.half().float().repeat_interleave(64, dim=1)
+            reference.get_parameter(name).copy_(w.qdata.float() * scale16)
+    ids = torch.tensor([tiny_tokenizer("def f(x):\n    return x * 2")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    text = "Built-in functions: print(len('abc'))"
+    assert tokenizer(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
+
+
+def test_tied_embeddings(tmp_path, tiny_tokenizer):
+    # lm_head left in float and tied: llama.cpp reuses token_embd, so no output.weight
+    float_head = int4_model(tied=True, lm_head=False)
+    assert "output.weight" not in gguf_tensors(export_gguf(float_head, tiny_tokenizer, tmp_path / "a.gguf"))
+    # lm_head int4 while the embedding stays float: the int4 head must be written
+    int4_head = int4_model(tied=True, lm_head=True)
+    tensors = gguf_tensors(export_gguf(int4_head, tiny_tokenizer, tmp_path / "b.gguf", embeddings="q8_0"))
+    assert tensors["output.weight"].tensor_type == Q4_0
+    embd = tensors["token_embd.weight"]
+    assert embd.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    dequant = gguf.quants.dequantize(np.asarray(embd.data), embd.tensor_type)
+    embedding = int4_head.model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_allclose(dequant, embedding, atol=np.abs(embedding).max() / 127 / 2 + 1e-6)  # half a Q8_0 step
+
+
+def test_permutation_moves_whole_rows():
+    rows = torch.arange(16 * 3).reshape(16, 3)
+    permuted = permute_for_llama_cpp(rows, n_head=2)
+    assert sorted(permuted[:, 0].tolist()) == rows[:, 0].tolist()
+    np.testing.assert_array_equal(unpermute(permuted.numpy(), 2), rows.numpy())
+    # head 0 of size 8: HF rows (0..3 | 4..7) rotate as pairs (i, i + 4); llama.cpp wants them adjacent
+    assert permuted[:8, 0].tolist() == [0, 12, 3, 15, 6, 18, 9, 21]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (dict(weight_dtype=torch.int8), "torch.int8 weights"),
+        (dict(weight_mapping_type=MappingType.ASYMMETRIC), "asymmetric"),
+        (dict(group_size=16), "block size (1, 16)"),
+    ],
+)
+def test_unmappable_schemes_are_refused(tmp_path, tiny_tokenizer, config, message):
+    model = int4_model(**config)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_float_model_and_bad_options_are_refused(tmp_path, tiny_tokenizer):
+    with pytest.raises(ValueError, match="no int4 weights"):
+        export_gguf(make_tiny_llama(), tiny_tokenizer, tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match="embeddings='bf16'"):
+        export_gguf(int4_model(), tiny_tokenizer, tmp_path / "m.gguf", embeddings="bf16")
+    assert not list(tmp_path.iterdir())
+
+
+def test_executorch_pte_generates_like_eager(tmp_path):
+    pytest.importorskip("executorch", reason="needs the executorch extra")
+    from executorch.runtime import Runtime
+
+    model = int4_model(layers=1)
+    # XNNPACK stores group scales in bf16. With bf16-representable scales the .pte computes what torchao eager does
+    # (measured: 3e-7 relative); with fp32 scales the rounding alone moves logits ~1-2% and can flip a greedy token.
+    with torch.no_grad():
+        for w in linear_weights(model).values():
+            w.scale.copy_(w.scale.bfloat16().float())
+    prompt = [5, 17, 42, 99]
+    with torch.no_grad():  # eager greedy without a cache: nothing shared with the exported program
+        ids = torch.tensor([prompt])
+        for _ in range(16):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+        eager_logits = model(ids).logits
+    path = export_executorch(model, tmp_path / "m.pte", max_seq_len=32)
+    assert generate_pte(path, prompt, max_new_tokens=16) == ids[0, len(prompt) :].tolist()
+    forward = Runtime.get().load_program(path).load_method("forward")
+    pte_logits = forward.execute([ids, torch.arange(ids.shape[1])])[0]
+    torch.testing.assert_close(pte_logits, eager_logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_carries_ptq_codes(tmp_path, smollm2_dir):
+    from qatune.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(str(smollm2_dir)), load_tokenizer(str(smollm2_dir))
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)))
+    path = export_gguf(model, tokenizer, tmp_path / "smollm2-q4_0.gguf")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 49152
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" in tensors  # lm_head is int4, the embedding is not: the tie must be written out
+    for hf_name, gguf_name in [
+        ("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight"),
+        ("model.layers.29.mlp.down_proj.weight", "blk.29.ffn_down.weight"),
+        ("lm_head.weight", "output.weight"),
+    ]:
+        w = model.get_parameter(hf_name)
+        codes, _ = q4_0_codes_and_scales(np.asarray(tensors[gguf_name].data))
+        if "q_proj" in hf_name:
+            codes = unpermute(codes, model.config.num_attention_heads)
+        np.testing.assert_array_equal(codes, w.qdata.numpy())
+
+
+@pytest.fixture
+def float_checkpoint(tmp_path, tiny_tokenizer):
+    path = tmp_path / "float"
+    make_tiny_llama().save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_recipe_refuses_a_float_checkpoint(float_checkpoint):
+    from qatune.cli import load_recipe_config
+
+    recipe, cfg = load_recipe_config("export", "export", [f"model.path={float_checkpoint}"])
+    with pytest.raises(ValueError, match="float checkpoint.*qat_recipe.*quantize=8da4w"):
+        recipe.main(cfg)
+    with pytest.raises(ValueError, match="format='onnx'"):
+        load_recipe_config("export", "export", [f"model.path={float_checkpoint}", "format=onnx"])
+
+
+def test_recipe_ptq_on_the_fly_writes_gguf_beside_the_checkpoint(float_checkpoint):
+    pytest.importorskip("qatune.quantization", reason="needs qatune.quantization")
+    from qatune.cli import load_recipe_config
+
+    recipe, cfg = load_recipe_config("export", "export", [f"model.path={float_checkpoint}", "quantize=8da4w"])
+    path = recipe.main(cfg)
+    assert path == float_checkpoint.parent / "model-q4_0.gguf"
+    assert gguf_tensors(path)["blk.1.ffn_down.weight"].tensor_type == Q4_0
+
+
+def test_recipe_exports_a_saved_int4_dir(tmp_path, float_checkpoint):
+    quantization = pytest.importorskip("qatune.quantization", reason="needs qatune.quantization")
+    from qatune.cli import load_recipe_config
+    from qatune.models import load_model, load_tokenizer
+
+    model = load_model(str(float_checkpoint))
+    q = quantization.resolve_quantizer({"scheme": "8da4w", "group_size": 64})
+    quantization.save_quantized(
+        quantization.quantize_ptq_(model, q), load_tokenizer(str(float_checkpoint)), tmp_path / "int4"
+    )
+    recipe, cfg = load_recipe_config("export", "export", [f"model.path={tmp_path / 'int4'}", "format=gguf"])
+    path = recipe.main(cfg)
+    assert path == tmp_path / "model-q4_0.gguf"
+    codes, _ = q4_0_codes_and_scales(np.asarray(gguf_tensors(path)["blk.0.ffn_up.weight"].data))
+    np.testing.assert_array_equal(codes, model.get_parameter("model.layers.0.mlp.up_proj.weight").qdata.numpy())
+    with pytest.raises(ValueError, match="already quantized"):
+        recipe.main(load_recipe_config("export", "export", [f"model.path={tmp_path / 'int4'}", "quantize=8da4w"])[1])
