@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,8 @@ class Config:
 def check_config(cfg: DictConfig) -> None:
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format!r}: choose one of {', '.join(FORMATS)}")
+    if cfg.format == "executorch" and importlib.util.find_spec("executorch") is None:
+        raise ValueError("format=executorch needs the executorch extra: pip install 'qatune[executorch]'")
     if cfg.embeddings not in FLOAT_TYPES:
         raise ValueError(f"embeddings={cfg.embeddings!r}: choose one of {', '.join(FLOAT_TYPES)}")
     if cfg.quantize is not None:

@@ -144,6 +144,26 @@ def test_transformers_reads_the_gguf_as_the_int4_model(tmp_path, tiny_tokenizer)
     assert tokenizer(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
 
 
+def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path, tiny_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=1024, rope_theta=500000.0,
+        rope_scaling={**rope, "original_max_position_embeddings": 512},
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)))
+    freqs = np.asarray(gguf_tensors(export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf"))["rope_freqs.weight"].data)
+    # llama.cpp divides each rotary frequency by these factors (convert_hf_to_gguf.py, LlamaModel)
+    base = 500000.0 ** (np.arange(0, 128, 2, dtype=np.float32) / 128)
+    wavelen = 2 * np.pi * base
+    smooth = (512 / wavelen - 1.0) / (4.0 - 1.0)
+    expected = np.where(wavelen < 512 / 4.0, 1.0, np.where(wavelen > 512 / 1.0, 32.0, 1 / ((1 - smooth) / 32 + smooth)))
+    np.testing.assert_allclose(freqs, expected, rtol=1e-5)
+
+
 def test_tied_embeddings(tmp_path, tiny_tokenizer):
     # lm_head left in float and tied: llama.cpp reuses token_embd, so no output.weight
     float_head = int4_model(tied=True, lm_head=False)
@@ -189,6 +209,18 @@ def test_float_model_and_bad_options_are_refused(tmp_path, tiny_tokenizer):
     with pytest.raises(ValueError, match="embeddings='bf16'"):
         export_gguf(int4_model(), tiny_tokenizer, tmp_path / "m.gguf", embeddings="bf16")
     assert not list(tmp_path.iterdir())
+
+
+def test_sentencepiece_style_tokenizer_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    llama2_like = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    )
+    with pytest.raises(ValueError, match="byte fallback"):
+        export_gguf(int4_model(), llama2_like, tmp_path / "m.gguf")
 
 
 def test_executorch_pte_generates_like_eager(tmp_path):

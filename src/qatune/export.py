@@ -133,9 +133,11 @@ def pre_tokenizer_name(tokenizer) -> str:
 
 def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre_tokenizer: str | None) -> None:
     """Tokens, token types, merges, special ids and chat template, as convert_hf_to_gguf's `_set_vocab_gpt2`."""
-    if not getattr(tokenizer, "is_fast", False) or "BPE" not in type(tokenizer.backend_tokenizer.model).__name__:
+    bpe = getattr(tokenizer, "backend_tokenizer", None) and tokenizer.backend_tokenizer.model
+    if type(bpe).__name__ != "BPE" or bpe.byte_fallback:  # byte fallback: SentencePiece-style (Llama 2, Mistral)
         raise ValueError(
-            f"GGUF export supports byte-level BPE tokenizers (SmolLM2, Llama 3); got {type(tokenizer).__name__}"
+            f"GGUF export supports byte-level BPE tokenizers (SmolLM2, Llama 3); got {type(tokenizer).__name__} "
+            f"with a {type(bpe).__name__} model{' with byte fallback' if getattr(bpe, 'byte_fallback', False) else ''}"
         )
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
@@ -306,7 +308,7 @@ def export_executorch(model: nn.Module, path: str | os.PathLike, *, max_seq_len:
         raise ValueError("model has no quantized weights: convert it (convert_to_int4) or quantize_ptq_ it first")
     if max_seq_len < 2 or max_seq_len > model.config.max_position_embeddings:
         raise ValueError(f"max_seq_len={max_seq_len}: choose 2..{model.config.max_position_embeddings}")
-    model.eval()
+    model.eval().requires_grad_(False)  # loaded int4 weights may say requires_grad; export cannot unwrap those
     model.generation_config.use_cache = True
     model.generation_config.cache_implementation = "static"
     wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len)
