@@ -14,9 +14,11 @@ User errors print one line `error: ...` and exit 2; set QATUNE_DEBUG=1 to see th
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -194,7 +196,16 @@ def _launcher_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rdzv_endpoint", "--rdzv-endpoint", help="host:port of the rank-0 node (multi-node)")
 
 
+def quiet_library_noise() -> None:
+    """torchao logs that its CUDA-only kernels are missing (expected on CPU) and torch warns about torchao's enums
+    on every import: noise a user can do nothing about. Real warnings stay on."""
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is an Enum subclass and is now natively supported.*")
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_noise()
     parser = build_parser()
     # Overrides may come before or after --config; argparse leaves the later ones over, so collect them here.
     args, extra = parser.parse_known_args(argv)
