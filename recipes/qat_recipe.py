@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoModelForCausalLM
 
 from qatune.data import DatasetConfig, build_dataset, check_dataset_config, load_texts
 from qatune.device import resolve_device
@@ -33,7 +34,7 @@ from qatune.quantization import (
     save_quantized,
 )
 from qatune.report import format_table, recovery, write_report
-from qatune.training import TrainConfig, make_accelerator, train
+from qatune.training import DistributedConfig, TrainConfig, make_accelerator, train
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Config(TrainConfig):
     quantizer: dict[str, Any] = field(default_factory=lambda: {"scheme": "8da4w", "group_size": 32})
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -77,68 +79,81 @@ def main(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     q = resolve_quantizer(cfg.quantizer)
     out = Path(cfg.output_dir)
-    accelerator = make_accelerator(device, cfg.gradient_accumulation_steps, str(out), list(cfg.trackers))
+    accelerator = make_accelerator(
+        device, cfg.gradient_accumulation_steps, str(out), list(cfg.trackers),
+        strategy=cfg.distributed.strategy, activation_checkpointing=cfg.activation_checkpointing,
+    )  # fmt: skip
+    main_process = accelerator.is_main_process  # evaluates, saves and prints; every process trains
     tokenizer = load_tokenizer(cfg.model.path, revision=cfg.model.revision)
     train_data = build_dataset(cfg.dataset, tokenizer, cfg.seq_len)
     eval_texts = load_texts(cfg.eval_dataset)
     train_cfg = TrainConfig(**{k: cfg[k] for k in TrainConfig.__dataclass_fields__})
 
-    def evaluate(model: torch.nn.Module) -> dict:
-        result = {}
-        if accelerator.is_main_process:  # every rank holds the whole model: rank 0 measures it
-            e = cfg.eval
-            result = perplexity(
-                model, tokenizer, eval_texts, seq_len=e.seq_len, protocol=e.protocol, batch_size=e.batch_size
-            )
-            if e.measure:
-                result |= measure_model(model, tokenizer)
-        accelerator.wait_for_everyone()
-        return result
+    def load() -> torch.nn.Module:
+        return load_model(cfg.model.path, dtype=cfg.model.dtype, device=device, revision=cfg.model.revision)
 
-    def fine_tune(model: torch.nn.Module, name: str, on_step=None) -> dict:
-        run = train(
+    def evaluate(model: torch.nn.Module) -> dict:
+        e = cfg.eval
+        result = perplexity(
+            model, tokenizer, eval_texts, seq_len=e.seq_len, protocol=e.protocol, batch_size=e.batch_size
+        )
+        return result | (measure_model(model, tokenizer) if e.measure else {})
+
+    def fine_tune(model: torch.nn.Module, name: str, on_step=None) -> tuple[torch.nn.Module | None, dict]:
+        def rebuild(state: dict) -> torch.nn.Module:  # FSDP2 only: the whole model on rank 0 from gathered weights
+            fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            if name == "qat":
+                fake_quantize_(fresh, q)
+            fresh.load_state_dict(state)
+            return fresh
+
+        config = model.config
+        model, run = train(
             model, train_data, cfg=train_cfg, optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.lr_scheduler,
             accelerator=accelerator, output_dir=out / name, seed=cfg.seed, on_step=on_step, run_name=name,
+            rebuild=rebuild,
         )  # fmt: skip
-        return {k: v for k, v in vars(run).items() if k != "losses"}
+        return model, {k: v for k, v in vars(run).items() if k != "losses"}
 
     results, training = {}, {}
     start = time.perf_counter()
-    if cfg.compare.baseline:
-        model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=device, revision=cfg.model.revision)
+    # 1. The original model and its plain post-training quantization (one process is enough).
+    if cfg.compare.baseline and main_process:
+        model = load()
         results["bf16"] = evaluate(model)
         results["ptq"] = evaluate(quantize_ptq_(model, q))
         del model
+    accelerator.wait_for_everyone()
 
+    # 2. Optional fair baseline: the same fine-tuning without fake quantization, then PTQ.
     if cfg.compare.finetune_baseline:
-        model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=device, revision=cfg.model.revision)
-        training["bf16_finetuned"] = fine_tune(model, "bf16_finetuned")
-        results["bf16_finetuned"] = evaluate(model)
-        results["ptq_finetuned"] = evaluate(quantize_ptq_(model, q))
+        model, training["bf16_finetuned"] = fine_tune(load(), "bf16_finetuned")
+        if main_process:
+            results["bf16_finetuned"] = evaluate(model)
+            results["ptq_finetuned"] = evaluate(quantize_ptq_(model, q))
         del model
+        accelerator.wait_for_everyone()
 
-    model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=device, revision=cfg.model.revision)
-    fake_quantize_(model, q)
+    # 3. QAT: fake quantization in every linear layer, fine-tune, convert to real int4.
+    model = fake_quantize_(load(), q)
 
     def delayed_fake_quant(model: torch.nn.Module, step: int) -> None:
         # Float fine-tuning for the first N steps, fake quant from then on (also right after a resume).
         enable_fake_quant(model, step >= q.fake_quant_after_n_steps)
 
-    training["qat"] = fine_tune(model, "qat", delayed_fake_quant if q.fake_quant_after_n_steps else None)
-    enable_fake_quant(model, True)
-    convert_to_int4(model, q)
-    results["qat"] = evaluate(model)
-
+    model, training["qat"] = fine_tune(model, "qat", delayed_fake_quant if q.fake_quant_after_n_steps else None)
     report = {
         "model": {"path": cfg.model.path},
         "config": OmegaConf.to_container(cfg, resolve=True),
         "results": results,
-        "recovery": recovery(results),
         "training": training["qat"],
         "training_runs": training,
-        "wall_s": time.perf_counter() - start,
     }
-    if accelerator.is_main_process:
+    if main_process:
+        convert_to_int4(enable_fake_quant(model, True), q)
+        results["qat"] = evaluate(model)
+        report |= {"recovery": recovery(results), "wall_s": time.perf_counter() - start}
+        # 4. Save the int4 checkpoint and the report.
         save_quantized(model, tokenizer, out / "int4")
         write_report(report, out)
         print(format_table(results))

@@ -44,7 +44,7 @@ def run(tmp_path, name, optimizer=ADAMW, on_step=None, **overrides):
     cfg = TrainConfig(**{"batch_size": 4, "max_steps": 6, **overrides})
     acc = make_accelerator(torch.device("cpu"), cfg.gradient_accumulation_steps, str(tmp_path))
     model = make_tiny_llama(seed=1)
-    result = train(
+    model, result = train(
         model, Blocks(), cfg=cfg, optimizer_cfg=optimizer, scheduler_cfg=COSINE,
         accelerator=acc, output_dir=tmp_path / name, seed=0, on_step=on_step,
     )  # fmt: skip

@@ -24,6 +24,7 @@ Parameter alone, so the model is untied (`tie_word_embeddings=False`): float emb
 from __future__ import annotations
 
 import importlib
+import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,10 +45,13 @@ from torchao.quantization.qat.linear import enable_linear_fake_quant
 from torchao.utils import TorchAOBaseTensor
 
 from qatune.files import atomic_dir
+from qatune.fused_fake_quant import fuse_fake_quant_
+
+logger = logging.getLogger(__name__)
 
 SCHEMES = ("8da4w", "4w", "8da8w")
 GROUP_SIZES = (32, 64, 128, 256)
-QATUNE_KEYS = ("scheme", "group_size", "skip", "fake_quant_after_n_steps")
+QATUNE_KEYS = ("scheme", "group_size", "skip", "fake_quant_after_n_steps", "fused")
 
 # The torchtune-form quantizers we accept. torchtune's own name is an alias: torchtune cannot import beside torchao
 # 0.18, and its class was a thin re-export of torchao's.
@@ -64,6 +68,7 @@ class QuantScheme:
     group_size: int = 32  # 32 | 64 | 128 | 256; ignored by 8da8w (per-channel weights)
     skip: list[str] = field(default_factory=list)  # fnmatch patterns of module names kept in float, e.g. lm_head
     fake_quant_after_n_steps: int = 0  # train in float first; the trainer calls enable_fake_quant at that step
+    fused: bool = True  # fused fake quant (qatune.fused_fake_quant): torchao's numerics, much less time and memory
     legacy: object | None = None  # the torchtune-form quantizer instance, if the config used `_component_`
 
     def __post_init__(self) -> None:
@@ -79,6 +84,8 @@ class QuantScheme:
         n = self.fake_quant_after_n_steps
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"quantizer fake_quant_after_n_steps must be an integer >= 0, not {n!r}")
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"quantizer fused must be true or false, not {self.fused!r}")
 
     def base_config(self) -> Int8DynamicActivationIntxWeightConfig | IntxWeightOnlyConfig:
         """The torchao PTQ config that prepare, convert and PTQ all derive from."""
@@ -113,7 +120,7 @@ def resolve_quantizer(section: Mapping | None) -> QuantScheme:
         return QuantScheme(**section)
 
     path = section.pop("_component_")
-    qatune_kwargs = {k: section.pop(k) for k in ("skip", "fake_quant_after_n_steps") if k in section}
+    qatune_kwargs = {k: section.pop(k) for k in ("skip", "fake_quant_after_n_steps", "fused") if k in section}
     cls = _import_legacy_quantizer(path)
     try:
         legacy = cls(**section)
@@ -206,7 +213,10 @@ def _linears_to_quantize(model: nn.Module, q: QuantScheme) -> set[str]:
 
 
 def fake_quantize_(model: nn.Module, q: QuantScheme) -> nn.Module:
-    """Insert fake quantization into every nn.Linear not matched by `q.skip` (lm_head included), in place."""
+    """Insert fake quantization into every nn.Linear not matched by `q.skip` (lm_head included), in place.
+
+    With `q.fused` (the default) the layers run qatune.fused_fake_quant's forward: the same numerics, bit for bit.
+    """
     chosen = _linears_to_quantize(model, q)
     if q.legacy is not None:
         q.legacy.prepare(model)
@@ -215,6 +225,16 @@ def fake_quantize_(model: nn.Module, q: QuantScheme) -> nn.Module:
                 model.set_submodule(name, m.to_linear())
     else:
         quantize_(model, QATConfig(q.base_config(), step="prepare"), filter_fn=lambda m, name: name in chosen)
+    if q.fused:  # same modules and numerics, a faster forward/backward; torchao's own wherever it does not apply
+        not_covered = fuse_fake_quant_(model)
+        if not_covered:
+            name, why = next(iter(not_covered.items()))
+            logger.warning(
+                "fused fake quant: %d of %d layers use torchao's own fake quant (e.g. %s: %s)",
+                len(not_covered), len(chosen), name, why,
+            )  # fmt: skip
+        else:
+            logger.info("fused fake quant: all %d fake-quantized layers", len(chosen))
     if q.fake_quant_after_n_steps > 0:  # the model starts as float; the trainer switches fake quant on later
         enable_fake_quant(model, False)
     return model

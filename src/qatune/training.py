@@ -61,11 +61,44 @@ class TrainResult:
     losses: list[float]
 
 
+STRATEGIES = ("ddp", "fsdp2")
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "ddp"  # ddp (a full copy per process) | fsdp2 (sharded weights/grads/optimizer; CUDA only)
+
+
 def make_accelerator(
-    device: torch.device, gradient_accumulation_steps: int, output_dir: str, trackers: list[str] | None = None
+    device: torch.device,
+    gradient_accumulation_steps: int,
+    output_dir: str,
+    trackers: list[str] | None = None,
+    strategy: str = "ddp",
+    activation_checkpointing: bool = False,
 ) -> Accelerator:
-    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU, where bf16 is slower."""
+    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU, where bf16 is slower.
+
+    One process or many: torchrun/accelerate launch set the environment and accelerate picks DDP (gloo on CPU,
+    NCCL on GPU) or, with strategy fsdp2, FSDP2 `fully_shard` of each decoder layer.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"distributed.strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    fsdp = None
+    if strategy == "fsdp2" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process: nothing to shard
+        if device.type != "cuda":
+            raise ValueError("distributed.strategy=fsdp2 needs CUDA GPUs (accelerate's FSDP runs only there); use ddp")
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        fsdp = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",  # one shard unit per decoder layer (model._no_split_modules)
+            reshard_after_forward=True,
+            state_dict_type="FULL_STATE_DICT",
+            activation_checkpointing=activation_checkpointing,
+        )
     return Accelerator(
+        fsdp_plugin=fsdp,
         cpu=device.type == "cpu",
         mixed_precision="bf16" if device.type == "cuda" else "no",
         gradient_accumulation_steps=gradient_accumulation_steps,
@@ -127,15 +160,19 @@ def train(
     eval_dataset: Dataset | None = None,
     on_step: Callable[[torch.nn.Module, int], None] | None = None,
     run_name: str = "train",
-) -> TrainResult:
+    rebuild: Callable[[dict], torch.nn.Module] | None = None,
+) -> tuple[torch.nn.Module | None, TrainResult]:
     """Train `model` in place.
 
     `on_step(model, step)` runs before each optimizer step's first micro-batch: the recipe uses it to switch fake
     quantization on after N steps, and on resume it is called again for the restored step.
+
+    Returns the trained, unwrapped model and the run's figures. Under FSDP2 each rank holds only shards: the full
+    weights are gathered and `rebuild(state_dict)` makes the whole model on rank 0 (other ranks get None).
     """
     output_dir = Path(output_dir)
     set_seed(seed)
-    if cfg.activation_checkpointing:
+    if cfg.activation_checkpointing and not accelerator.is_fsdp2:  # FSDP2 applies its own
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = instantiate(optimizer_cfg, [p for p in model.parameters() if p.requires_grad])
@@ -259,14 +296,21 @@ def train(
     if cfg.trackers:
         accelerator.end_training()
     wall = time.perf_counter() - start
-    if world > 1:
-        check_replicas_identical(model, accelerator)
-    model = accelerator.unwrap_model(model)
+    if accelerator.is_fsdp2:
+        state = accelerator.get_state_dict(model)  # every rank takes part; rank 0 receives the full weights
+        if rebuild is None:
+            raise ValueError("training under FSDP2 needs `rebuild` to make the whole model from gathered weights")
+        model = rebuild(state) if accelerator.is_main_process else None
+    else:
+        if world > 1:
+            check_replicas_identical(model, accelerator)
+        model = accelerator.unwrap_model(model)
+        if cfg.activation_checkpointing:
+            model.gradient_checkpointing_disable()
     accelerator.free_memory()  # forget this run's objects: the next run's checkpoints hold only its own
-    model.eval()
-    if cfg.activation_checkpointing:
-        model.gradient_checkpointing_disable()
-    return TrainResult(
+    if model is not None:
+        model.eval()
+    return model, TrainResult(
         steps=step,
         tokens=tokens,
         wall_s=wall,
