@@ -42,7 +42,10 @@ class EvalConfig:
     seq_len: int = 512
     protocol: str = "gptq"  # gptq | lm_eval | sliding (see qatune.evaluation)
     batch_size: int = 4
-    measure: bool = True  # size, peak memory, prefill/decode tokens/s of each model
+    measure: bool = True  # size, peak memory, prefill/decode tokens/s of each model (batch 1, median of runs)
+    prompt_len: int = 128
+    decode_tokens: int = 32
+    runs: int = 5
 
 
 @dataclass
@@ -87,6 +90,8 @@ def main(cfg: DictConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model.path, revision=cfg.model.revision)
     train_data = build_dataset(cfg.dataset, tokenizer, cfg.seq_len)
     eval_texts = load_texts(cfg.eval_dataset)
+    # Validation loss during training (eval_every_n_steps) uses the held-out split packed like the training data.
+    val_data = build_dataset(cfg.eval_dataset, tokenizer, cfg.seq_len) if cfg.eval_every_n_steps else None
     train_cfg = TrainConfig(**{k: cfg[k] for k in TrainConfig.__dataclass_fields__})
 
     def load() -> torch.nn.Module:
@@ -97,7 +102,10 @@ def main(cfg: DictConfig) -> dict:
         result = perplexity(
             model, tokenizer, eval_texts, seq_len=e.seq_len, protocol=e.protocol, batch_size=e.batch_size
         )
-        return result | (measure_model(model, tokenizer) if e.measure else {})
+        if e.measure:
+            speed = dict(prompt_len=e.prompt_len, decode_tokens=e.decode_tokens, runs=e.runs)
+            result |= measure_model(model, tokenizer, **speed)
+        return result
 
     def fine_tune(model: torch.nn.Module, name: str, on_step=None) -> tuple[torch.nn.Module | None, dict]:
         def rebuild(state: dict) -> torch.nn.Module:  # FSDP2 only: the whole model on rank 0 from gathered weights
@@ -111,7 +119,7 @@ def main(cfg: DictConfig) -> dict:
         model, run = train(
             model, train_data, cfg=train_cfg, optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.lr_scheduler,
             accelerator=accelerator, output_dir=out / name, seed=cfg.seed, on_step=on_step, run_name=name,
-            rebuild=rebuild,
+            rebuild=rebuild, eval_dataset=val_data,
         )  # fmt: skip
         return model, {k: v for k, v in vars(run).items() if k != "losses"}
 

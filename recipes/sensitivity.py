@@ -11,7 +11,6 @@ Writes `output_dir/sensitivity.json` and `sensitivity.md` (ranking, reverse chec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch

@@ -1,8 +1,11 @@
 """The QAT recipe end to end on a tiny random Llama (seconds), and on the real SmolLM2 (slow)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import make_tiny_llama
@@ -105,3 +108,48 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_checkpoint, tmp
     reports = [json.loads((tmp_path / n / "report.json").read_text()) for n in ("one", "two")]
     ppl = [r["results"]["qat"]["perplexity"] for r in reports]
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-3)
+
+
+def test_two_process_run_killed_midway_resumes_and_finishes(tiny_checkpoint, tmp_path):
+    common = [
+        *tiny_overrides(tiny_checkpoint, tmp_path, "compare.baseline=false"),
+        "max_steps=12", "save_every_n_steps=2", "eval_every_n_steps=3", "batch_size=2",
+    ]  # fmt: skip
+    tune = [
+        sys.executable,
+        "-m",
+        "qatune.cli",
+        "run",
+        "--nproc_per_node",
+        "2",
+        "qat_recipe",
+        "--config",
+        "smollm2_135m",
+    ]
+    full = subprocess.run([*tune, *common, f"output_dir={tmp_path / 'full'}"], capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    out = tmp_path / "cut"
+    proc = subprocess.Popen(
+        [*tune, *common, f"output_dir={out}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 600
+    while not list((out / "qat" / "checkpoints").glob("step_*/trainer_state.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, mid-run
+    proc.wait()
+    assert not (out / "report.json").exists()
+
+    resumed = subprocess.run([*tune, *common, f"output_dir={out}", "resume=true"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    curves = [
+        [json.loads(x) for x in (d / "qat" / "metrics.jsonl").read_text().splitlines()]
+        for d in (tmp_path / "full", out)
+    ]
+    assert [r["step"] for r in curves[1]][-1] == 12
+    by_step = [{r["step"]: r["loss"] for r in c} for c in curves]
+    assert by_step[1] == pytest.approx(by_step[0], rel=1e-5)
+    assert "val_loss" in curves[0][2]  # validation loss every 3 steps

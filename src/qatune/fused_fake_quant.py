@@ -23,6 +23,7 @@ Forward and gradients are bit-identical to torchao's (tests/test_fused_fake_quan
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,6 @@ from torch import nn
 from torchao.quantization.granularity import PerAxis, PerGroup, PerToken
 from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig
 from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
-from torchao.quantization.qat.linear import Int8DynActInt4WeightQATLinear
 from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, MappingType, ZeroPointDomain
 
 
@@ -69,20 +69,20 @@ def fake_quant_spec(quantizer: nn.Module | None, role: str) -> FakeQuantSpec | N
         return FakeQuantSpec(qmin, qmax, False, None, c.eps, c.scale_precision, c.zero_point_precision)
     if c.mapping_type != MappingType.SYMMETRIC:
         raise ValueError(f"weight fake quant mapping {c.mapping_type} is not symmetric")
-    if isinstance(c.granularity, PerGroup):
-        return FakeQuantSpec(qmin, qmax, True, c.granularity.group_size, c.eps, c.scale_precision, c.zero_point_precision)
-    if isinstance(c.granularity, PerAxis) and c.granularity.axis == 0:
-        return FakeQuantSpec(qmin, qmax, True, None, c.eps, c.scale_precision, c.zero_point_precision)
+    if isinstance(c.granularity, PerGroup | PerAxis) and getattr(c.granularity, "axis", 0) == 0:
+        group_size = getattr(c.granularity, "group_size", None)  # None: per output channel
+        return FakeQuantSpec(qmin, qmax, True, group_size, c.eps, c.scale_precision, c.zero_point_precision)
     raise ValueError(f"weight fake quant granularity {c.granularity} is not per-group or per-channel")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The arithmetic, on a 2-D view (rows = tokens or weight groups, columns = the values sharing one scale)
+# The arithmetic, on a 2-D view (rows = tokens or weight groups, columns = the values sharing one scale). Each function
+# is torchao's op chain, op for op, so that eager it gives torchao's values in any dtype; for fp32 inputs with fp32
+# scales torch.compile fuses each into one or two vectorized loops (still bit-identical: tests check it).
 
 
-@torch.no_grad()
-def choose_qparams(x2: torch.Tensor, spec: FakeQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero_point), shape (rows, 1): torchao's choose_qparams_affine op for op, one aminmax pass."""
+def _qparams(x2: torch.Tensor, spec: FakeQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero_point), shape (rows, 1): torchao's choose_qparams_affine (min and max in one pass)."""
     min_val, max_val = torch.aminmax(x2, dim=-1, keepdim=True)
     min_val_neg = torch.min(min_val, torch.zeros_like(min_val))
     max_val_pos = torch.max(max_val, torch.zeros_like(max_val))
@@ -92,49 +92,61 @@ def choose_qparams(x2: torch.Tensor, spec: FakeQuantSpec) -> tuple[torch.Tensor,
         scale = max_val_pos / (float(spec.qmax - spec.qmin) / 2)
         zero_point = torch.full_like(scale, int((spec.qmax + spec.qmin + 1) / 2))
         scale = torch.clamp(scale, min=eps)
-        return scale.to(spec.scale_dtype or x2.dtype), zero_point.to(spec.zero_point_dtype)
-    scale = (max_val_pos - min_val_neg) / float(spec.qmax - spec.qmin)
-    scale = torch.clamp(scale, min=eps)
-    zero_point = spec.qmin - torch.round(min_val_neg / scale)
-    zero_point = torch.clamp(zero_point, spec.qmin, spec.qmax)
+    else:
+        scale = (max_val_pos - min_val_neg) / float(spec.qmax - spec.qmin)
+        scale = torch.clamp(scale, min=eps)
+        zero_point = spec.qmin - torch.round(min_val_neg / scale)
+        zero_point = torch.clamp(zero_point, spec.qmin, spec.qmax)
     return scale.to(spec.scale_dtype or x2.dtype), zero_point.to(spec.zero_point_dtype)
 
 
-def _native_kernel_applies(x2: torch.Tensor, scale: torch.Tensor) -> bool:
-    # ATen's kernel computes x * (1/scale) in fp32 and (q - zp) * scale exactly before one rounding: the same values
-    # as torchao's op chain when both the input and the scale are fp32 (bf16 scales round every step in bf16).
-    return x2.dtype == torch.float32 and scale.dtype == torch.float32
+def _quantize(x2: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """round(x / scale) + zero_point, before clamping (torchao: x * (1.0 / scale), rounded, in the promoted dtype)."""
+    return torch.round(x2 * (1.0 / scale)) + zero_point
 
 
-@torch.no_grad()
-def fake_quantize(
-    x2: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: FakeQuantSpec, with_mask: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """dequantize(quantize(x2)) and, if asked, the mask of values inside [qmin, qmax] before clamping."""
-    if _native_kernel_applies(x2, scale):
-        out, mask = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
-            x2, scale.view(-1), zero_point.view(-1).to(torch.int32), 0, spec.qmin, spec.qmax
-        )
-        return out, mask if with_mask else None
-    # torchao's _fake_quantize_affine, op for op (same dtypes, so the same roundings), without the autograd graph
-    q = x2 * (1.0 / scale)
-    q = torch.round(q) + zero_point
-    mask = (q >= spec.qmin) & (q <= spec.qmax) if with_mask else None
-    q = torch.clamp(q, spec.qmin, spec.qmax)
-    out = q.to(x2.dtype, copy=True)
-    out = out - zero_point.to(x2.dtype)
-    return (out * scale).to(x2.dtype), mask
+def _fake_quantize(x2: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: FakeQuantSpec):
+    q = torch.clamp(_quantize(x2, scale, zero_point), spec.qmin, spec.qmax)
+    return ((q.to(x2.dtype) - zero_point.to(x2.dtype)) * scale).to(x2.dtype)
 
 
-@torch.no_grad()
-def straight_through_(grad: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """In place: the gradient torchao's autograd gives through its fake quant (rounding is identity, clamping zeroes
-    what fell outside the range). It multiplies by scale, then by 1/scale: not quite the identity in floating point,
-    so do the same. The first product is rounded to the gradient's dtype, like torchao's dequantized tensor."""
-    grad.mul_(scale)
-    if not bool(mask.all()):  # asymmetric per-token activations almost never clamp: skip the pass
-        grad.masked_fill_(~mask, 0)
-    return grad.mul_(1.0 / scale)
+def _qparams_fake_quantize(x2: torch.Tensor, spec: FakeQuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale, zero_point = _qparams(x2, spec)
+    return _fake_quantize(x2, scale, zero_point, spec), scale, zero_point
+
+
+def _straight_through(
+    x2: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, grad: torch.Tensor, spec: FakeQuantSpec
+) -> torch.Tensor:
+    """The gradient torchao's autograd passes through its fake quant: rounding is the identity, clamping zeroes what
+    fell outside [qmin, qmax], and the chain multiplies by scale then by 1/scale (not quite the identity in floating
+    point), the first product rounded to the input dtype as torchao's dequantized tensor is."""
+    q = _quantize(x2, scale, zero_point)
+    inside = (q >= spec.qmin) & (q <= spec.qmax)
+    grad = torch.where(inside, (grad * scale).to(x2.dtype), 0)
+    return (grad * (1.0 / scale)).to(x2.dtype)
+
+
+class _Kernels:
+    """The arithmetic eager, or compiled where that keeps torchao's values (fp32 data with fp32 scales: compiled
+    code does bf16 ops in fp32 without rounding each step). Compiled once for all shapes (dynamic=True)."""
+
+    compile = True  # qatune.fused_fake_quant._Kernels.compile = False: eager everywhere (e.g. no C++ compiler)
+    _compiled: dict = {}
+
+    @classmethod
+    def get(cls, fn, x2: torch.Tensor, spec: FakeQuantSpec):
+        fp32 = x2.dtype == torch.float32 and spec.scale_dtype in (None, torch.float32)
+        if not (cls.compile and fp32):
+            return fn
+        if fn not in cls._compiled:
+            cls._compiled[fn] = torch.compile(fn, dynamic=True)
+        return cls._compiled[fn]
+
+    @classmethod
+    def run(cls, fn, x2: torch.Tensor, spec: FakeQuantSpec, *args):
+        with torch.no_grad():
+            return cls.get(fn, x2, spec)(x2, *args, spec)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,21 +154,26 @@ def straight_through_(grad: torch.Tensor, mask: torch.Tensor, scale: torch.Tenso
 
 
 class _SharedActivation:
-    """The last fake-quantized activation, reused by the next linear that reads the same tensor (q/k/v, gate/up).
+    """The last fake-quantized activation, reused by the next linear that reads the same tensor (q/k/v, gate/up),
+    in the forward and again in the backward pass (their backward passes run one after another too).
 
-    Holds a reference to the input so its memory cannot be reused while it is the key.
+    Holds a reference to the input, so its memory cannot be reused while it is the key.
     """
 
     key: tuple | None = None
     value: tuple | None = None
 
     @classmethod
-    def get(cls, x: torch.Tensor, spec: FakeQuantSpec, with_mask: bool) -> tuple:
-        key = (x, x.data_ptr(), x.shape, x.stride(), x._version, spec, with_mask)
-        if cls.key is None or not _same_key(cls.key, key):
+    def get(cls, x: torch.Tensor, spec: FakeQuantSpec, qparams: tuple | None = None) -> tuple:
+        """(x_fq 2-D, scale, zero_point); `qparams` skips computing them again (backward)."""
+        key = (x.data_ptr(), x.shape, x.stride(), x._version, x.dtype, spec)
+        if cls.key is None or cls.key[0] is not x or cls.key[1:] != key:
             x2 = x.reshape(-1, x.shape[-1])
-            scale, zero_point = choose_qparams(x2, spec)
-            cls.key, cls.value = key, (scale, zero_point, *fake_quantize(x2, scale, zero_point, spec, with_mask))
+            if qparams is None:
+                value = _Kernels.run(_qparams_fake_quantize, x2, spec)
+            else:
+                value = (_Kernels.run(_fake_quantize, x2, spec, *qparams), *qparams)
+            cls.key, cls.value = (x, *key), value
         return cls.value
 
     @classmethod
@@ -164,8 +181,9 @@ class _SharedActivation:
         cls.key = cls.value = None
 
 
-def _same_key(a: tuple, b: tuple) -> bool:
-    return a[0] is b[0] and a[1:] == b[1:]
+def _weight_groups(w: torch.Tensor, spec: FakeQuantSpec) -> torch.Tensor:
+    group_size = min(spec.group_size or w.shape[-1], w.shape[-1])  # torchao clips the group size to in_features
+    return w.reshape(-1, group_size)
 
 
 def _weight_qparams(module: nn.Module, spec: FakeQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,25 +192,24 @@ def _weight_qparams(module: nn.Module, spec: FakeQuantSpec) -> tuple[torch.Tenso
     key = (w.data_ptr(), w._version, w.dtype, spec)
     cached = module.__dict__.get("_fused_weight_qparams")
     if cached is None or cached[0] != key:
-        cached = (key, choose_qparams(_weight_groups(w, spec), spec))
+        cached = (key, _Kernels.run(_qparams, _weight_groups(w.detach(), spec), spec))
         module.__dict__["_fused_weight_qparams"] = cached
     return cached[1]
 
 
-def _weight_groups(w: torch.Tensor, spec: FakeQuantSpec) -> torch.Tensor:
-    group_size = min(spec.group_size or w.shape[-1], w.shape[-1])  # torchao clips the group size to in_features
-    return w.reshape(-1, group_size)
-
-
 class _FakeQuantizedLinearFunction(torch.autograd.Function):
+    """F.linear(fake_quant(x), fake_quant(w), b); saves only x and w (a plain linear saves them too)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, act_spec, weight_spec, w_scale, w_zero_point):
         x_fq = x
         if act_spec is not None:
-            x_fq = _SharedActivation.get(x, act_spec, with_mask=False)[2].view(x.shape)
+            x_fq2, x_scale, x_zero_point = _SharedActivation.get(x, act_spec)
+            x_fq = x_fq2.view(x.shape)
+            ctx.x_qparams = (x_scale, x_zero_point)
         w_fq = weight
         if weight_spec is not None:
-            w_fq = fake_quantize(_weight_groups(weight, weight_spec), w_scale, w_zero_point, weight_spec, False)[0]
+            w_fq = _Kernels.run(_fake_quantize, _weight_groups(weight, weight_spec), weight_spec, w_scale, w_zero_point)
             w_fq = w_fq.view(weight.shape)
         ctx.specs = (act_spec, weight_spec)
         ctx.has_bias = bias is not None
@@ -207,26 +224,26 @@ class _FakeQuantizedLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         grad2 = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_w = grad_b = None
-
-        w_fq, w_mask = weight, None
+        w_fq = weight
         if weight_spec is not None:
-            w_fq, w_mask = fake_quantize(_weight_groups(weight, weight_spec), w_scale, w_zero_point, weight_spec, need_w)
-            w_fq = w_fq.view(weight.shape)
-        x_fq2, x_mask = x2, None
-        if act_spec is not None:  # q/k/v (gate/up) share this too: their backward passes run one after another
-            x_scale, _, x_fq2, x_mask = _SharedActivation.get(x, act_spec, with_mask=need_x)
+            w2 = _weight_groups(weight, weight_spec)
+            w_fq = _Kernels.run(_fake_quantize, w2, weight_spec, w_scale, w_zero_point).view(weight.shape)
+        x_fq2 = x2
+        if act_spec is not None:
+            x_fq2 = _SharedActivation.get(x, act_spec, ctx.x_qparams)[0]
 
-        # The same products autograd takes for F.linear (mm backward), so the sums run in the same order.
+        # The products autograd takes for F.linear (mm's backward), so the sums run in the same order.
         if need_x:
             grad_x = grad2.mm(w_fq)
             if act_spec is not None:
-                straight_through_(grad_x, x_mask, x_scale)
+                grad_x = _Kernels.run(_straight_through, x2, act_spec, *ctx.x_qparams, grad_x)
             grad_x = grad_x.view(x.shape)
         if need_w:
             grad_w = grad2.t().mm(x_fq2)
             if weight_spec is not None:
-                groups = _weight_groups(grad_w, weight_spec)
-                straight_through_(groups, w_mask, w_scale)
+                grad_w = _weight_groups(grad_w, weight_spec)
+                grad_w = _Kernels.run(_straight_through, w2, weight_spec, w_scale, w_zero_point, grad_w)
+                grad_w = grad_w.view(weight.shape)
         if need_b and ctx.has_bias:
             grad_b = grad2.sum(0)
         return grad_x, grad_w, grad_b, None, None, None, None
@@ -234,49 +251,31 @@ class _FakeQuantizedLinearFunction(torch.autograd.Function):
 
 def fused_linear_forward(module: FakeQuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     """FakeQuantizedLinear.forward with the fused arithmetic (honours each quantizer's `enabled` flag)."""
+    act_spec, weight_spec = module._fused_specs
     act, wq = module.activation_fake_quantizer, module.weight_fake_quantizer
-    act_spec = module._fused_specs[0] if act is not None and act.enabled else None
-    weight_spec = module._fused_specs[1] if wq is not None and wq.enabled else None
+    act_spec = act_spec if act is not None and act.enabled else None
+    weight_spec = weight_spec if wq is not None and wq.enabled else None
     if act_spec is None and weight_spec is None:
         return F.linear(x, module.weight, module.bias)
-    w_scale = w_zero_point = None
-    if weight_spec is not None:
-        w_scale, w_zero_point = _weight_qparams(module, weight_spec)
-    return _FakeQuantizedLinearFunction.apply(
-        x, module.weight, module.bias, act_spec, weight_spec, w_scale, w_zero_point
-    )
+    w_qparams = _weight_qparams(module, weight_spec) if weight_spec is not None else (None, None)
+    return _FakeQuantizedLinearFunction.apply(x, module.weight, module.bias, act_spec, weight_spec, *w_qparams)
 
 
-class FusedFakeQuantizedLinear(FakeQuantizedLinear):
-    """torchao's FakeQuantizedLinear (same quantizers, same state dict, same convert) with the fused forward."""
-
-    forward = fused_linear_forward
-
-
-class FusedInt8DynActInt4WeightQATLinear(Int8DynActInt4WeightQATLinear):
-    """The legacy (torchtune-form) QAT linear with the fused forward."""
-
-    forward = fused_linear_forward
-
-
-FUSED_CLASSES = {
-    FakeQuantizedLinear: FusedFakeQuantizedLinear,
-    Int8DynActInt4WeightQATLinear: FusedInt8DynActInt4WeightQATLinear,
-}
-UNFUSED_CLASSES = {fused: plain for plain, fused in FUSED_CLASSES.items()}
+def is_fused(module: nn.Module) -> bool:
+    return "_fused_specs" in module.__dict__
 
 
 def fuse_fake_quant_(model: nn.Module) -> dict[str, str]:
-    """Give every covered fake-quantized linear the fused forward, in place.
+    """Give every covered FakeQuantizedLinear the fused forward, in place (types, quantizers and state dict stay).
 
     Returns {module name: why not} for the fake-quantized linears left on torchao's own forward.
     """
     not_covered = {}
     for name, m in model.named_modules():
-        if not isinstance(m, FakeQuantizedLinear) or type(m) in UNFUSED_CLASSES:
+        if not isinstance(m, FakeQuantizedLinear) or is_fused(m):
             continue
-        if type(m) not in FUSED_CLASSES:
-            not_covered[name] = f"{type(m).__name__} is not a FakeQuantizedLinear the fused path knows"
+        if type(m).forward is not FakeQuantizedLinear.forward:
+            not_covered[name] = f"{type(m).__name__} has its own forward"
             continue
         try:
             specs = (
@@ -286,17 +285,16 @@ def fuse_fake_quant_(model: nn.Module) -> dict[str, str]:
         except ValueError as e:
             not_covered[name] = str(e)
             continue
-        m.__class__ = FUSED_CLASSES[type(m)]
         m._fused_specs = specs
+        m.forward = partial(fused_linear_forward, m)  # an instance attribute: deepcopy and pickle keep it
     return not_covered
 
 
 def unfuse_fake_quant_(model: nn.Module) -> nn.Module:
-    """Back to torchao's own forward, in place (the same modules and quantizers)."""
+    """Back to torchao's own forward, in place."""
     for m in model.modules():
-        if type(m) in UNFUSED_CLASSES:
-            m.__class__ = UNFUSED_CLASSES[type(m)]
-            m.__dict__.pop("_fused_specs", None)
-            m.__dict__.pop("_fused_weight_qparams", None)
+        if is_fused(m):
+            for attr in ("_fused_specs", "_fused_weight_qparams", "forward"):
+                m.__dict__.pop(attr, None)
     _SharedActivation.clear()
     return model

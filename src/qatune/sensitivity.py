@@ -252,7 +252,7 @@ def analyze(
         stats["bf16_bytes"] = 0 if id(weight) in tied else weight.numel() * 2  # a tied lm_head is the embedding
         layers[name] = stats | acts.summary().get(name, {})
 
-    cache: dict[frozenset, float] = {}
+    cache: dict[frozenset, float] = {frozenset(quantizable): quant_ppl}
 
     def ppl_quantizing(names: set[str]) -> float:
         key = frozenset(names)
@@ -327,7 +327,7 @@ def analyze(
         "reverse": reverse,
         "suggestion": suggestion,
         "layers": layers,
-        "trials": len(cache) + 2,
+        "trials": len(cache) + 1,  # + the float model
         "wall_s": time.perf_counter() - start,
     }
     return report, acts.samples
@@ -395,8 +395,8 @@ def format_markdown(report: Mapping[str, Any], charts: Sequence[str] = ()) -> st
         "",
         f"Keeps {len(s['units'])} unit(s), {s['bf16_mb']:.2f} MB of bf16 weights: perplexity "
         f"{s['perplexity']:.4f} vs {r['quantized_perplexity']:.4f} all quantized and {r['float_perplexity']:.4f} "
-        f"float. Linear weights: {s['linear_mb']['suggested']:.1f} MB vs {s['linear_mb']['quantized']:.1f} MB all quantized "
-        f"(packed) and {s['linear_mb']['bf16']:.1f} MB bf16.",
+        f"float. Linear weights: {s['linear_mb']['suggested']:.1f} MB vs {s['linear_mb']['quantized']:.1f} MB all "
+        f"quantized (packed) and {s['linear_mb']['bf16']:.1f} MB bf16.",
         "",
     ]
     rows = [[str(len(c["kept"])), ", ".join(f"`{n}`" for n in c["kept"]) or "(none)", f"{c['perplexity']:.4f}",
@@ -450,10 +450,11 @@ def plot_histograms(name: str, weight: torch.Tensor, activations: torch.Tensor |
     fig = _figure(10, 3.2)
     w = weight.detach().float().flatten()
     w = w[:: max(1, w.numel() // 1_000_000)]
-    panels = [(w, f"weights: rel err {stats['weight_rel_error']:.4f}, clipped {_fmt(stats['clipped_fraction'], '.4f')}")]
+    clipped = _fmt(stats["clipped_fraction"], ".4f")
+    panels = [(w, f"weights: rel err {stats['weight_rel_error']:.4f}, clipped {clipped}")]
     if activations is not None:
-        panels.append((activations, f"inputs: absmax {stats.get('act_absmax', 0):.1f}, kurtosis "
-                                    f"{_fmt(stats.get('act_kurtosis'), '.1f')}"))  # fmt: skip
+        kurtosis = _fmt(stats.get("act_kurtosis"), ".1f")
+        panels.append((activations, f"inputs: absmax {stats.get('act_absmax', 0):.1f}, kurtosis {kurtosis}"))
     for i, (values, title) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         ax.hist(values.numpy(), bins=120, log=True, color="#3b75af")

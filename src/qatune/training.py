@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from qatune.config import instantiate
-from qatune.files import atomic_write_json
+from qatune.files import atomic_write_json, atomic_write_text
 
 
 class TrainingError(RuntimeError):
@@ -211,8 +211,10 @@ def train(
     metrics_path = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if step == 0:
-            metrics_path.unlink(missing_ok=True)
+        # A fresh run starts a fresh log; a resumed one drops what was logged after its checkpoint.
+        old = metrics_path.read_text().splitlines() if step and metrics_path.exists() else []
+        kept = [r for r in old if json.loads(r)["step"] <= step]
+        atomic_write_text(metrics_path, "".join(f"{r}\n" for r in kept))
     if cfg.trackers:
         accelerator.init_trackers(run_name)
     world = accelerator.num_processes
