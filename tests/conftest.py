@@ -90,3 +90,12 @@ def smollm2_dir():
     from qatune.models import resolve_model_path
 
     return resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_tokenizer):
+    """A tiny random Llama (tied embeddings) and the tiny tokenizer saved as a Hugging Face directory."""
+    path = tmp_path / "tiny"
+    make_tiny_llama(vocab_size=len(tiny_tokenizer), tie_word_embeddings=True).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

@@ -8,18 +8,8 @@ import sys
 import time
 
 import pytest
-from conftest import make_tiny_llama
 
 from qatune.cli import load_recipe_config
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path, tiny_tokenizer):
-    path = tmp_path / "tiny"
-    model = make_tiny_llama(vocab_size=len(tiny_tokenizer), tie_word_embeddings=True)
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
 
 
 def tiny_overrides(ckpt, out, *extra):

@@ -18,8 +18,10 @@ from qatune.evaluation import perplexity
 from qatune.quantization import QuantScheme, fake_quantize_, float_linear_names, quantize_ptq_, resolve_quantizer
 from qatune.sensitivity import (
     ActivationStats,
+    BlockRecorder,
     analyze,
     group_units,
+    ptq_trial,
     suggest_skip,
     unit_pattern,
     validation_text,
@@ -52,7 +54,7 @@ def analysis(tiny_tokenizer, text):
     model = planted_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report, samples = analyze(
-        model, tiny_tokenizer, text, QuantScheme(), seq_len=SEQ_LEN, batch_size=8, reverse_top_k=1, max_layers=2,
+        model, tiny_tokenizer, text, QuantScheme(), seq_len=SEQ_LEN, batch_size=4, reverse_top_k=1, max_layers=2,
         log=None,
     )  # fmt: skip
     return model, before, report, samples
@@ -63,7 +65,7 @@ def in_unit(name: str, unit: str) -> bool:
 
 
 def ppl(model, tokenizer, text) -> float:
-    return perplexity(model, tokenizer, text, seq_len=SEQ_LEN, batch_size=8, progress=False)["perplexity"]
+    return perplexity(model, tokenizer, text, seq_len=SEQ_LEN, batch_size=4, progress=False)["perplexity"]
 
 
 def test_ranking_matches_brute_force(analysis, tiny_tokenizer, text):
@@ -114,6 +116,23 @@ def test_suggested_skip_is_what_the_quantizer_and_qat_accept(analysis, tiny_toke
     bf16 = sum(model.get_submodule(n).weight.numel() * 2 for n in kept if n != "lm_head") / 1e6
     assert s["bf16_mb"] == pytest.approx(bf16)
     assert s["linear_mb"]["quantized"] < s["linear_mb"]["suggested"] < s["linear_mb"]["bf16"]
+
+
+def test_replayed_prefix_gives_the_same_perplexity(tiny_tokenizer, text):
+    model = make_tiny_llama(layers=3)
+    with BlockRecorder(model) as recorder:
+        ppl(model, tiny_tokenizer, text)
+    assert [len(outputs) for outputs in recorder.outputs] == [2, 2, 2]  # 8 windows in batches of 4
+    q = QuantScheme()
+    for unit, skipped in [("model.layers.2", 2), ("lm_head", 3), ("model.layers.0", 0)]:
+        names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and in_unit(n, unit)}
+        replayed = ptq_trial(model, q, names)
+        assert recorder.replay_(replayed, names) == skipped
+        assert ppl(replayed, tiny_tokenizer, text) == ppl(ptq_trial(model, q, names), tiny_tokenizer, text)
+    assert recorder.first_block({"model.layers.1.mlp.up_proj", "lm_head"}) == 1
+    with BlockRecorder(model, max_bytes=1000) as small:  # over its memory cap it records nothing: trials run whole
+        ppl(model, tiny_tokenizer, text)
+    assert not small.ok and small.replay_(ptq_trial(model, q, {"lm_head"}), {"lm_head"}) == 0
 
 
 def test_units_and_patterns(tiny_llama):

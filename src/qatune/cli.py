@@ -32,8 +32,10 @@ USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, F
 def load_recipe_config(recipe: str, config: str, overrides: list[str]) -> tuple[object, DictConfig]:
     """Recipe module and its validated config (overrides applied); loads no weights."""
     module = registry.load_recipe(recipe)
-    cfg = apply_overrides(load_yaml(registry.find_config(config)), overrides)
-    cfg = validate(cfg, getattr(module, "Config", None))
+    schema = getattr(module, "Config", None)
+    # Schema first, so that every key the recipe knows can be overridden, even one the YAML leaves out.
+    cfg = validate(load_yaml(registry.find_config(config)), schema, resolve=False)
+    cfg = validate(apply_overrides(cfg, overrides), schema)
     if hasattr(module, "check_config"):  # recipe-specific checks, e.g. the quantizer section
         module.check_config(cfg)
     return module, cfg

@@ -87,7 +87,12 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
                 raise ConfigError(
                     f"unknown config key {key!r}{_closest(key, _all_keys(cfg))}; use +{key}=... to add a new key"
                 )
-        OmegaConf.update(cfg, key, _parse_value(raw), merge=False, force_add=True)
+        try:
+            value = _parse_value(raw)
+            # Lists replace the old list; merge=True lets a typed list (of dataclasses) convert its items.
+            OmegaConf.update(cfg, key, value, merge=isinstance(value, list), force_add=True)
+        except OmegaConfBaseException as e:  # a structured (schema-typed) config checks the value's type here
+            raise ConfigError(f"override {item!r}: {_one_line(e)}") from None
     return cfg
 
 
@@ -155,10 +160,11 @@ def check_components(cfg: Any, where: str = "") -> None:
             check_components(v, f"{where}{i}.")
 
 
-def validate(cfg: DictConfig, schema: type | None) -> DictConfig:
+def validate(cfg: DictConfig, schema: type | None, resolve: bool = True) -> DictConfig:
     """Merge `cfg` into the recipe's dataclass `schema`; resolve interpolations; check components.
 
-    Returns the merged config (schema defaults filled in). Raises ConfigError with one line.
+    Returns the merged config (schema defaults filled in). Raises ConfigError with one line. With resolve=False,
+    interpolations stay as they are (overrides applied afterwards still reach the keys that refer to them).
     """
     if schema is not None:
         base = OmegaConf.structured(schema)
@@ -166,6 +172,8 @@ def validate(cfg: DictConfig, schema: type | None) -> DictConfig:
             cfg = OmegaConf.merge(base, cfg)
         except OmegaConfBaseException as e:
             raise ConfigError(_describe_merge_error(e, base)) from None
+    if not resolve:
+        return cfg
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:

@@ -166,15 +166,19 @@ class _SharedActivation:
     @classmethod
     def get(cls, x: torch.Tensor, spec: FakeQuantSpec, qparams: tuple | None = None) -> tuple:
         """(x_fq 2-D, scale, zero_point); `qparams` skips computing them again (backward)."""
+        if x.is_inference():  # inference tensors keep no version counter: nothing proves x unchanged, so no reuse
+            return cls._compute(x, spec, qparams)
         key = (x.data_ptr(), x.shape, x.stride(), x._version, x.dtype, spec)
         if cls.key is None or cls.key[0] is not x or cls.key[1:] != key:
-            x2 = x.reshape(-1, x.shape[-1])
-            if qparams is None:
-                value = _Kernels.run(_qparams_fake_quantize, x2, spec)
-            else:
-                value = (_Kernels.run(_fake_quantize, x2, spec, *qparams), *qparams)
-            cls.key, cls.value = (x, *key), value
+            cls.key, cls.value = (x, *key), cls._compute(x, spec, qparams)
         return cls.value
+
+    @staticmethod
+    def _compute(x: torch.Tensor, spec: FakeQuantSpec, qparams: tuple | None) -> tuple:
+        x2 = x.reshape(-1, x.shape[-1])
+        if qparams is None:
+            return _Kernels.run(_qparams_fake_quantize, x2, spec)
+        return (_Kernels.run(_fake_quantize, x2, spec, *qparams), *qparams)
 
     @classmethod
     def clear(cls) -> None:
