@@ -396,7 +396,8 @@ def estimate_from_config(cfg, num_gpus: int = 1) -> dict[str, Any]:
     return plan_memory(
         get("model.path"),
         num_gpus=num_gpus,
-        strategy=get("distributed.strategy", "fsdp2" if num_gpus > 1 else "single"),
+        # One process shards nothing: the recipe ignores distributed.strategy there, and so does the plan.
+        strategy=get("distributed.strategy", "fsdp2") if num_gpus > 1 else "single",
         dtype="fp32" if model_dtype == "fp32" else "bf16",  # auto/bf16: bf16 compute, fp32 master weights
         optimizer=component,
         batch_size=int(get("batch_size", 1)),
