@@ -27,9 +27,12 @@ class ConfigError(ValueError):
     """A user error in a config or an override; its message is one line meant for the user."""
 
 
-def _closest(name: str, candidates: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
-    return f" (did you mean {', '.join(close)}?)" if close else f" (valid: {', '.join(sorted(candidates))})"
+def _closest(name: str, candidates: Iterable[str], fallback: Iterable[str] | None = None) -> str:
+    """' (did you mean a, b?)', else the valid names (`fallback`, e.g. the keys at that level, when given)."""
+    candidates = list(candidates)
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    valid = sorted(candidates if fallback is None else fallback)
+    return f" (did you mean {', '.join(close)}?)" if close else f" (valid: {', '.join(valid)})"
 
 
 def load_yaml(path: str | Path) -> DictConfig:
@@ -70,7 +73,7 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
             parent, _, leaf = key.rpartition(".")
             node = OmegaConf.select(cfg, parent) if parent else cfg
             if not isinstance(node, DictConfig) or leaf not in node:
-                raise ConfigError(f"cannot delete {key!r}: no such key{_closest(key, _all_keys(cfg))}")
+                raise ConfigError(f"cannot delete {key!r}: no such key{_closest(key, _all_keys(cfg), fallback=[])}")
             del node[leaf]
             continue
         if "=" not in item:
@@ -84,9 +87,11 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
             parent, _, leaf = key.rpartition(".")
             node = OmegaConf.select(cfg, parent) if parent else cfg
             if not (isinstance(node, DictConfig) and COMPONENT in node and _accepts(node[COMPONENT], leaf)):
-                raise ConfigError(
-                    f"unknown config key {key!r}{_closest(key, _all_keys(cfg))}; use +{key}=... to add a new key"
+                level = (
+                    [f"{parent}.{k}" if parent else str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
                 )
+                hint = _closest(key, _all_keys(cfg), fallback=level)
+                raise ConfigError(f"unknown config key {key!r}{hint}; use +{key}=... to add a new key")
         try:
             value = _parse_value(raw)
             # Lists replace the old list; merge=True lets a typed list (of dataclasses) convert its items.
