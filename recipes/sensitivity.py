@@ -35,12 +35,12 @@ class Config:
     dataset: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="validation"))
     max_tokens: int | None = 2048  # cut the validation text to this many tokens (null: all of it)
     seq_len: int = 256
-    batch_size: int = 4
+    batch_size: int = 8
     quantizer: dict[str, Any] = field(default_factory=lambda: {"scheme": "8da4w", "group_size": 32})
     granularity: str = "block"  # block | layer
     reverse_top_k: int = 3  # everything quantized except one unit, for the top k (and the bottom one)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
-    calibration_batches: int = 2  # batches of the float evaluation whose linear inputs are summarised
+    calibration_batches: int = 1  # batches of the float evaluation whose linear inputs are summarised
     histograms_top_k: int = 4
     output_dir: str = "out/sensitivity"
     device: str = "auto"
