@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from qatune.report import markdown_table
+
 SCHEMES = ("float", "8da4w", "4w")
 MARKER = "RESULT "
 
@@ -103,10 +105,7 @@ def format_rows(rows: list[dict]) -> str:
             mib(r["memory_before_bytes"]), mib(r["peak_memory_bytes"]), mib(r.get("process_peak_bytes")),
             f"{r['prefill_tokens_per_s']:.1f}", f"{r['decode_tokens_per_s']:.2f}", str(r["threads"]),
         ])  # fmt: skip
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in table]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return "\n".join(markdown_table(table[0], table[1:]))
 
 
 def main() -> None:

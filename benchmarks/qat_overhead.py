@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from qatune.report import markdown_table
+
 VARIANTS = ("plain", "torchao", "fused")
 MARKER = "RESULT "
 
@@ -100,10 +102,7 @@ def format_rows(rows: list[dict]) -> str:
             f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}" if plain else "—",
             f"{r['peak_memory_bytes'] / plain['peak_memory_bytes']:.2f}" if plain else "—",
         ])  # fmt: skip
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in table]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return "\n".join(markdown_table(table[0], table[1:]))
 
 
 def main() -> None:

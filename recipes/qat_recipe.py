@@ -1,6 +1,6 @@
 """Quantization-aware fine-tuning to int4, compared side by side with the float model and plain PTQ.
 
-    tune run qat_recipe --config smollm2_135m                 # any CPU, offline, ~15 min
+    tune run qat_recipe --config smollm2_135m                 # any CPU, offline, minutes
     tune run qat_recipe --config llama3_8b batch_size=2       # GPU
 
 Flow: load -> measure the float baseline and its PTQ -> insert fake quantization -> fine-tune -> convert to real int4

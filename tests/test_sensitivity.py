@@ -21,7 +21,7 @@ from qatune.sensitivity import (
     BlockRecorder,
     analyze,
     group_units,
-    ptq_trial,
+    mixed_trial,
     suggest_skip,
     unit_pattern,
     validation_text,
@@ -123,16 +123,16 @@ def test_replayed_prefix_gives_the_same_perplexity(tiny_tokenizer, text):
     with BlockRecorder(model) as recorder:
         ppl(model, tiny_tokenizer, text)
     assert [len(outputs) for outputs in recorder.outputs] == [2, 2, 2]  # 8 windows in batches of 4
-    q = QuantScheme()
+    full = quantize_ptq_(copy.deepcopy(model), QuantScheme())
     for unit, skipped in [("model.layers.2", 2), ("lm_head", 3), ("model.layers.0", 0)]:
         names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and in_unit(n, unit)}
-        replayed = ptq_trial(model, q, names)
+        replayed = mixed_trial(model, full, names)
         assert recorder.replay_(replayed, names) == skipped
-        assert ppl(replayed, tiny_tokenizer, text) == ppl(ptq_trial(model, q, names), tiny_tokenizer, text)
+        assert ppl(replayed, tiny_tokenizer, text) == ppl(mixed_trial(model, full, names), tiny_tokenizer, text)
     assert recorder.first_block({"model.layers.1.mlp.up_proj", "lm_head"}) == 1
     with BlockRecorder(model, max_bytes=1000) as small:  # over its memory cap it records nothing: trials run whole
         ppl(model, tiny_tokenizer, text)
-    assert not small.ok and small.replay_(ptq_trial(model, q, {"lm_head"}), {"lm_head"}) == 0
+    assert not small.ok and small.replay_(mixed_trial(model, full, {"lm_head"}), {"lm_head"}) == 0
 
 
 def test_units_and_patterns(tiny_llama):
@@ -178,21 +178,36 @@ def test_weight_stats_on_a_weight_with_a_known_grid():
     assert weight_stats(linear, QuantScheme(scheme="8da8w"))["clipped_fraction"] == pytest.approx(1 / 64)
 
 
+class Fork(nn.Module):
+    """Two linears reading the same input (as q/k/v do), then a third reading another tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 4), nn.Linear(16, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.c(self.a(x) + self.b(x))
+
+
 def test_activation_stats_moments_and_batch_limit():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 4))
-    batches = [torch.randn(3, 5, 16) ** 3, torch.randn(2, 5, 16) * 4, torch.full((1, 5, 16), 1000.0)]
-    with ActivationStats(model, ["0"], max_batches=2) as acts:
+    model = Fork()
+    batches = [torch.randn(3, 5, 16) ** 3 + 0.5, torch.randn(2, 5, 16) * 4, torch.full((1, 5, 16), 1000.0)]
+    with ActivationStats(model, ["a", "b", "c"], max_batches=2) as acts:
         for x in batches:
             model(x)
     seen = torch.cat([b.reshape(-1, 16) for b in batches[:2]]).double()  # the third batch is past the limit
     centered = seen - seen.mean()
-    stats = acts.summary()["0"]
-    assert stats["act_kurtosis"] == pytest.approx(((centered**4).mean() / (centered**2).mean() ** 2).item())
-    assert stats["act_absmax"] == pytest.approx(seen.abs().max().item())
+    stats = acts.summary()
+    assert stats["a"]["act_kurtosis"] == pytest.approx(((centered**4).mean() / (centered**2).mean() ** 2).item())
+    assert stats["a"]["act_absmax"] == pytest.approx(seen.abs().max().item())
     channels = seen.abs().amax(0)
-    assert stats["act_channel_outlier_ratio"] == pytest.approx((channels.max() / channels.median()).item())
-    assert acts.samples["0"].numel() == 3 * 5 * 16 and not model[0]._forward_pre_hooks  # hooks removed on exit
+    assert stats["a"]["act_channel_outlier_ratio"] == pytest.approx((channels.max() / channels.median()).item())
+    assert stats["b"] == stats["a"] and stats["c"] != stats["a"]
+    with torch.no_grad():
+        c_inputs = torch.cat([(model.a(b) + model.b(b)).reshape(-1, 4) for b in batches[:2]])
+    assert stats["c"]["act_absmax"] == pytest.approx(c_inputs.abs().max().item())
+    assert acts.samples["a"].numel() == 3 * 5 * 16 and not model.a._forward_pre_hooks  # hooks removed on exit
 
 
 def test_suggest_skip_budget():

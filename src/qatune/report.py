@@ -89,9 +89,18 @@ def format_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table, columns padded so it also reads well as plain text (first column left, others right)."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        cells = [
+            str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "| " + " | ".join(cells) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
+    return [line(header), rule, *map(line, rows)]
 
 
 def _training_rows(report: Mapping[str, Any]) -> list[list[str]]:
@@ -114,7 +123,7 @@ def format_markdown(report: Mapping[str, Any], png_name: str | None = None) -> s
     lines = ["# qatune report", ""]
     if report.get("model", {}).get("path"):
         lines += [f"Model: `{report['model']['path']}`", ""]
-    lines += _markdown_table(*table_rows(results))
+    lines += markdown_table(*table_rows(results))
     measured = [r for r in results.values() if isinstance(r, Mapping) and "threads" in r]
     if measured:
         r = measured[0]
@@ -134,7 +143,7 @@ def format_markdown(report: Mapping[str, Any], png_name: str | None = None) -> s
     training_rows = _training_rows(report)
     if training_rows:
         lines += ["## Training", ""]
-        lines += _markdown_table(["run", "steps", "tokens", "tokens/s", "peak memory", "wall s"], training_rows)
+        lines += markdown_table(["run", "steps", "tokens", "tokens/s", "peak memory", "wall s"], training_rows)
         lines += [""]
     if png_name:
         lines += [f"![perplexity per model]({png_name})", ""]

@@ -14,11 +14,11 @@ The analysis (`analyze`), on a float model and a validation text, for one quanti
 3. A `quantizer.skip` suggestion for a budget (at most `max_layers` units and/or `max_mb` MB of weights kept in
    bf16), greedy down the ranking, and its perplexity/size trade-off for each prefix of the suggestion.
 
-Cost. Every trial model shares the float model's tensors (`shared_float_copy`): PTQ gives the quantized layers new
-weight tensors and never writes the shared ones, so a trial costs the PTQ of its own layers plus one evaluation. The
-float evaluation records each decoder block's output (`BlockRecorder`); a trial that quantizes nothing before block i
-replays those outputs instead of recomputing blocks 0..i-1 (same tensors, bit-identical perplexity), which makes a
-per-block sweep about a third cheaper.
+Cost. The model is PTQ'd once, whole; a trial is a copy sharing the float model's tensors (`shared_float_copy`)
+whose chosen linears take that PTQ's weights (`mixed_trial`: torchao quantizes each linear on its own, so this is
+exactly PTQ with `skip` = the other linears), so a trial costs one evaluation. The float evaluation records each
+decoder block's output (`BlockRecorder`); a trial that quantizes nothing before block i replays those outputs instead
+of recomputing blocks 0..i-1 (same tensors, bit-identical perplexity), about a third off a per-block sweep.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +78,14 @@ def shared_float_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def ptq_trial(model: nn.Module, q: QuantScheme, quantize: set[str]) -> nn.Module:
-    """A shared copy of `model` with exactly the linears in `quantize` PTQ'd by `q`'s scheme."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+def mixed_trial(model: nn.Module, quantized: nn.Module, quantize: set[str]) -> nn.Module:
+    """A shared copy of the float `model` whose linears in `quantize` take their weights from `quantized` (the same
+    model PTQ'd once, whole). torchao quantizes each linear on its own, so this is the model PTQ with `skip` = every
+    other linear would give (tests check it against `quantize_` itself), without re-quantizing for every trial."""
     trial = shared_float_copy(model)
-    return quantize_ptq_(trial, replace(q, skip=[n for n in linears if n not in quantize]))
+    for name in quantize:
+        trial.get_submodule(name).weight = quantized.get_submodule(name).weight
+    return trial
 
 
 # ---------------------------------------------------------------------------------------------- prefix replay
@@ -174,12 +176,15 @@ def _decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList | list]:
 # ---------------------------------------------------------------------------------------------- statistics
 
 
-def weight_stats(linear: nn.Linear, q: QuantScheme) -> dict[str, float | int | None]:
-    """Quantization error of one linear's weight, read back from torchao's quantized tensor for `q`'s scheme."""
-    quantized = shared_float_copy(linear)
-    quantize_(quantized, q.base_config())
+def weight_stats(linear: nn.Linear, q: QuantScheme, quantized_weight: torch.Tensor | None = None) -> dict:
+    """Quantization error of one linear's weight, read back from torchao's quantized tensor for `q`'s scheme
+    (`quantized_weight` if given, e.g. from a PTQ'd copy of the model; else `quantize_` on a copy of the layer)."""
+    qw = quantized_weight
+    if qw is None:
+        quantized = shared_float_copy(linear)
+        quantize_(quantized, q.base_config())
+        qw = quantized.weight
     w = linear.weight.detach().float()
-    qw = quantized.weight
     err = w - qw.dequantize().float()
     clipped = None
     if all(hasattr(qw, a) for a in ("qdata", "scale", "block_size")) and qw.target_dtype in QRANGE:
@@ -208,6 +213,8 @@ class ActivationStats:
         self.batches = 0
         self.sums: dict[str, torch.Tensor] = {}  # n, sum y, y^2, y^3, y^4 with y = x - shift (float64)
         self.shift: dict[str, float] = {}
+        self.last_input: torch.Tensor | None = None
+        self.last_stats: tuple = ()
         self.absmax: dict[str, torch.Tensor] = {}  # per input channel
         self.samples: dict[str, torch.Tensor] = {}  # a strided sample of the first batch, for histograms
         self.handles: list = []
@@ -224,11 +231,14 @@ class ActivationStats:
     def __exit__(self, *exc) -> None:
         for handle in self.handles:
             handle.remove()
-        self.handles = []
+        self.handles, self.last_input = [], None
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             if self.batches > self.max_batches:
+                return
+            if args[0] is self.last_input:  # q/k/v (and gate/up) read the same tensor: summarise it once
+                self.sums[name], self.absmax[name], self.samples[name], self.shift[name] = self.last_stats
                 return
             x = args[0].detach().float()
             # Moments of x - shift (the first batch's mean, so the raw-moment formula does not cancel), in float32
@@ -246,6 +256,8 @@ class ActivationStats:
                 self.sums[name], self.absmax[name] = sums, channel_absmax
                 stride = max(1, flat.numel() // self.sample_size)
                 self.samples[name] = (flat[::stride] + shift).cpu()
+            self.last_input = args[0]  # held, so its memory cannot be reused by another tensor meanwhile
+            self.last_stats = self.sums[name], self.absmax[name], self.samples[name], self.shift[name]
 
         return hook
 
@@ -333,13 +345,12 @@ def analyze(
     full = quantize_ptq_(shared_float_copy(model), q)  # honours q.skip and the group-size rule
     quantizable = quantized_linear_names(full)
     quant_ppl = ppl(full)["perplexity"]
-    del full
     log(f"float ppl {float_ppl:.4f}  all quantized ppl {quant_ppl:.4f}  ({len(quantizable)} linears quantized)")
 
     tied = {id(m.weight) for m in modules.values() if isinstance(m, nn.Embedding)}
     layers, activations = {}, acts.summary()
     for name in quantizable:
-        stats = weight_stats(modules[name], q)
+        stats = weight_stats(modules[name], q, full.get_submodule(name).weight)
         weight = modules[name].weight
         stats["bf16_bytes"] = 0 if id(weight) in tied else weight.numel() * 2  # a tied lm_head is the embedding
         layers[name] = stats | activations.get(name, {})
@@ -349,7 +360,7 @@ def analyze(
     def ppl_quantizing(names: set[str]) -> float:
         key = frozenset(names)
         if key not in cache:
-            trial = ptq_trial(model, q, set(names))
+            trial = mixed_trial(model, full, set(names))
             recorder.replay_(trial, set(names))
             cache[key] = ppl(trial)["perplexity"]
         return cache[key]
