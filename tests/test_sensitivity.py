@@ -241,15 +241,6 @@ def test_write_without_matplotlib(analysis, tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "sensitivity.json").read_text())["units"][0]["name"] == PLANTED
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path, tiny_tokenizer):
-    path = tmp_path / "tiny"
-    model = make_tiny_llama(vocab_size=len(tiny_tokenizer), tie_word_embeddings=True)
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 def test_recipe_end_to_end(tiny_checkpoint, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
