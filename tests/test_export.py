@@ -289,7 +289,6 @@ def test_recipe_refuses_a_float_checkpoint(float_checkpoint):
 
 
 def test_recipe_ptq_on_the_fly_writes_gguf_beside_the_checkpoint(float_checkpoint):
-    pytest.importorskip("qatune.quantization", reason="needs qatune.quantization")
     from qatune.cli import load_recipe_config
 
     recipe, cfg = load_recipe_config("export", "export", [f"model.path={float_checkpoint}", "quantize=8da4w"])
