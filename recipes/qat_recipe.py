@@ -142,7 +142,7 @@ def main(cfg: DictConfig) -> dict:
         del model
         accelerator.wait_for_everyone()
 
-    # 3. QAT: fake quantization in every linear layer, fine-tune, convert to real int4.
+    # 3. QAT: fake quantization in every linear layer not in quantizer.skip, fine-tune, convert to real int4.
     model = fake_quantize_(load(), q)
 
     def delayed_fake_quant(model: torch.nn.Module, step: int) -> None:
