@@ -143,3 +143,19 @@ def test_two_process_run_killed_midway_resumes_and_finishes(tiny_checkpoint, tmp
     by_step = [{r["step"]: r["loss"] for r in c} for c in curves]
     assert by_step[1] == pytest.approx(by_step[0], rel=1e-5)
     assert "val_loss" in curves[0][2]  # validation loss every 3 steps
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end_few_steps(smollm2_dir, tmp_path):
+    """The shipped CPU config on the real SmolLM2 with a handful of steps: QAT beats PTQ, the saved int4 dir reloads."""
+    out = tmp_path / "smol"
+    overrides = [
+        f"model.path={smollm2_dir}", f"output_dir={out}", "max_steps=3", "seq_len=64", "eval.seq_len=64",
+        "eval.measure=false", "eval_dataset.max_documents=2",
+    ]  # fmt: skip
+    report = run_recipe(overrides)
+    r = report["results"]
+    assert r["bf16"]["perplexity"] < r["qat"]["perplexity"] < r["ptq"]["perplexity"] < 1000
+    expected = (r["ptq"]["perplexity"] - r["qat"]["perplexity"]) / (r["ptq"]["perplexity"] - r["bf16"]["perplexity"])
+    assert json.loads((out / "report.json").read_text())["recovery"] == pytest.approx(expected)  # vs the original
+    assert (out / "int4" / "config.json").is_file()
