@@ -273,6 +273,19 @@ LOAD_SCRIPT = textwrap.dedent(
 )
 
 
+def load_in_fresh_process(out, ids: torch.Tensor, tmp_path) -> dict:
+    """Load `out` with plain transformers + torchao in a process that never imports qatune; its outputs on `ids`."""
+    torch.save(ids, tmp_path / "ids.pt")
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "loaded.pt")],
+        env={**os.environ, "PYTHONPATH": ""},
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(tmp_path / "loaded.pt")
+
+
 @pytest.mark.parametrize(
     "tied,scheme,skip", [(False, "8da4w", []), (True, "8da4w", []), (False, "4w", ["lm_head", "*.0.*.o_proj"])]
 )
@@ -284,15 +297,7 @@ def test_saved_checkpoint_loads_in_plain_transformers(tmp_path, tiny_tokenizer, 
     out = save_quantized(model, tiny_tokenizer, tmp_path / "int4")
     assert sorted(os.listdir(tmp_path)) == ["int4"]  # atomic: no temp dir left beside it
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
-    torch.save(IDS, tmp_path / "ids.pt")
-    run = subprocess.run(
-        [sys.executable, "-c", LOAD_SCRIPT, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "loaded.pt")],
-        env={**os.environ, "PYTHONPATH": ""},
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    loaded = torch.load(tmp_path / "loaded.pt")
+    loaded = load_in_fresh_process(out, IDS, tmp_path)
     assert torch.equal(loaded["logits"], expected)
     assert loaded["quantized"] == sorted(quantized_linear_names(model))
     assert loaded["vocab"] == len(tiny_tokenizer) and loaded["tied"] is False
@@ -326,12 +331,4 @@ def test_smollm2_both_forms_convert_exactly_and_round_trip(tmp_path, smollm2_dir
     convert_to_int4(model, q)
     assert torch.equal(logits(model, ids), fake_logits)
     out = save_quantized(model, AutoTokenizer.from_pretrained(smollm2_dir), tmp_path / "int4")
-    torch.save(ids, tmp_path / "ids.pt")
-    run = subprocess.run(
-        [sys.executable, "-c", LOAD_SCRIPT, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "loaded.pt")],
-        env={**os.environ, "PYTHONPATH": ""},
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert torch.equal(torch.load(tmp_path / "loaded.pt")["logits"], fake_logits)
+    assert torch.equal(load_in_fresh_process(out, ids, tmp_path)["logits"], fake_logits)
