@@ -9,7 +9,9 @@ depend on the text). Variants, each in a fresh process so that its peak memory i
   (b) torchao  torchao's FakeQuantizedLinear as QATConfig prepares it (quantizer.fused=false)
   (c) fused    the same modules with qatune.fused_fake_quant's forward (quantizer.fused=true, the default)
 Seconds per step are the median of `--steps` steps after `--warmup` warm-up steps. Peak memory is the process's peak
-RSS on CPU (loading included, the same for every variant), torch's peak allocation on CUDA. The last line is
+RSS on CPU (loading included, the same for every variant), torch's peak allocation on CUDA. On CPU every variant
+runs with glibc's mmap threshold fixed as qatune's trainer sets it (qatune.device.mmap_large_cpu_tensors);
+`--glibc-default` leaves glibc's dynamic threshold, whose heap fragmentation adds 10-20% to the peaks. The last line is
 `ratio (c)/(a): X.XX` (tokens/s of fused over plain).
 """
 
@@ -33,13 +35,15 @@ def measure_one(args: argparse.Namespace) -> dict:
     """Runs in the child process: load, (fake-)quantize, train `warmup + steps` steps; returns one row."""
     import torch
 
-    from qatune.device import resolve_device
+    from qatune.device import mmap_large_cpu_tensors, resolve_device
     from qatune.models import load_model
     from qatune.quantization import QuantScheme, fake_quantize_
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if device.type == "cpu" and not args.glibc_default:
+        mmap_large_cpu_tensors()  # as qatune's trainer does on CPU, for every variant
     model = load_model(args.model, dtype="auto", device=device)
     if args.one != "plain":
         q = QuantScheme(scheme=args.scheme, group_size=args.group_size, fused=args.one == "fused")
@@ -84,7 +88,7 @@ def run_child(variant: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--one", variant, "--model", args.model, "--device", args.device,
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--scheme", args.scheme, "--group-size", str(args.group_size),
-           "--threads", str(args.threads)]  # fmt: skip
+           "--threads", str(args.threads), *(["--glibc-default"] if args.glibc_default else [])]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
     if proc.returncode != 0 or not lines:
@@ -118,6 +122,9 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument(
+        "--glibc-default", action="store_true", help="leave glibc's mmap threshold alone (qatune's trainer fixes it)"
+    )
     parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)  # the child process's job
     args = parser.parse_args()
 

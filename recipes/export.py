@@ -10,16 +10,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from qatune.export import FLOAT_TYPES, export_executorch, export_gguf, quantized_scheme
+from qatune.export import check_export_formats, export_model, quantized_scheme
 from qatune.models import ModelConfig, load_model, load_tokenizer
-
-FORMATS = ("gguf", "executorch", "hf")
 
 
 @dataclass
@@ -34,12 +31,7 @@ class Config:
 
 
 def check_config(cfg: DictConfig) -> None:
-    if cfg.format not in FORMATS:
-        raise ValueError(f"format={cfg.format!r}: choose one of {', '.join(FORMATS)}")
-    if cfg.format == "executorch" and importlib.util.find_spec("executorch") is None:
-        raise ValueError("format=executorch needs the executorch extra: pip install 'qatune[executorch]'")
-    if cfg.embeddings not in FLOAT_TYPES:
-        raise ValueError(f"embeddings={cfg.embeddings!r}: choose one of {', '.join(FLOAT_TYPES)}")
+    check_export_formats([cfg.format], cfg.embeddings)
     if cfg.quantize is not None:
         from qatune.quantization import resolve_quantizer
 
@@ -70,15 +62,8 @@ def main(cfg: DictConfig) -> Path:
             "its output_dir/int4, or pass quantize=8da4w to quantize it now (PTQ)"
         )
 
-    out = output_dir(cfg)
-    if cfg.format == "gguf":
-        path = export_gguf(model, tokenizer, out / "model-q4_0.gguf", embeddings=cfg.embeddings)
-    elif cfg.format == "executorch":
-        path = export_executorch(model, out / f"model-{quantized_scheme(model)}.pte", max_seq_len=cfg.max_seq_len)
-    else:
-        from qatune.quantization import save_quantized
-
-        path = out / "int4"
-        save_quantized(model, tokenizer, path)
+    path = export_model(
+        model, tokenizer, cfg.format, output_dir(cfg), embeddings=cfg.embeddings, max_seq_len=cfg.max_seq_len
+    )
     print(f"wrote {path}")
     return path

@@ -4,7 +4,8 @@
     tune run qat_recipe --config llama3_8b batch_size=2       # GPU
 
 Flow: load -> measure the float baseline and its PTQ -> insert fake quantization -> fine-tune -> convert to real int4
--> evaluate -> save `output_dir/int4` (a Hugging Face + torchao checkpoint) and the report (report.json/.md/.png).
+-> evaluate -> save `output_dir/int4` (a Hugging Face + torchao checkpoint) and the report (report.json/.md/.png)
+-> optionally export the same int4 codes for llama.cpp (GGUF) and ExecuTorch (`export.formats`).
 With `compare.finetune_baseline=true` the same fine-tuning also runs without fake quantization and is then PTQ'd:
 the fair comparison (what QAT buys over "fine-tune, then quantize").
 """
@@ -23,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from qatune.data import DatasetConfig, build_dataset, check_dataset_config, load_texts
 from qatune.device import resolve_device
 from qatune.evaluation import perplexity
+from qatune.export import check_export_formats, export_model
 from qatune.measure import measure_model
 from qatune.models import ModelConfig, load_model, load_tokenizer
 from qatune.quantization import (
@@ -55,6 +57,13 @@ class CompareConfig:
 
 
 @dataclass
+class ExportConfig:
+    formats: list[str] = field(default_factory=lambda: ["hf"])  # hf (output_dir/int4, always) | gguf | executorch
+    embeddings: str = "f16"  # gguf: f16 | q8_0 | f32 for the token embedding and any linear kept float
+    max_seq_len: int = 2048  # executorch: KV-cache length
+
+
+@dataclass
 class Config(TrainConfig):
     output_dir: str = "out/qat"
     seed: int = 0
@@ -69,6 +78,7 @@ class Config(TrainConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -76,6 +86,7 @@ def check_config(cfg: DictConfig) -> None:
     resolve_quantizer(cfg.quantizer)
     check_dataset_config(cfg.dataset)
     check_dataset_config(cfg.eval_dataset)
+    check_export_formats(list(cfg.export.formats), cfg.export.embeddings)
 
 
 def main(cfg: DictConfig) -> dict:
@@ -161,10 +172,14 @@ def main(cfg: DictConfig) -> dict:
         convert_to_int4(enable_fake_quant(model, True), q)
         results["qat"] = evaluate(model)
         report |= {"recovery": recovery(results), "wall_s": time.perf_counter() - start}
-        # 4. Save the int4 checkpoint and the report.
+        # 4. Save the int4 checkpoint and the report; export the same int4 codes to the runtimes asked for.
         save_quantized(model, tokenizer, out / "int4")
         write_report(report, out)
         print(format_table(results))
         print(f"int4 checkpoint: {out / 'int4'}   report: {out / 'report.md'}")
+        e = cfg.export
+        for fmt in [f for f in dict.fromkeys(e.formats) if f != "hf"]:
+            path = export_model(model.cpu(), tokenizer, fmt, out, embeddings=e.embeddings, max_seq_len=e.max_seq_len)
+            print(f"{fmt}: {path}")
     accelerator.wait_for_everyone()
     return report

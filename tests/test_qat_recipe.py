@@ -7,7 +7,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import torch
 
 from qatune.cli import load_recipe_config
 
@@ -27,7 +29,8 @@ def run_recipe(overrides):
 
 def test_tiny_end_to_end_report_and_int4_checkpoint(tiny_checkpoint, tmp_path, tiny_tokenizer):
     out = tmp_path / "out"
-    report = run_recipe(tiny_overrides(tiny_checkpoint, out, "compare.finetune_baseline=true"))
+    extra = ("compare.finetune_baseline=true", "export.formats=[hf,gguf]")
+    report = run_recipe(tiny_overrides(tiny_checkpoint, out, *extra))
     saved = json.loads((out / "report.json").read_text())
     assert set(saved["results"]) == {"bf16", "ptq", "qat", "bf16_finetuned", "ptq_finetuned"}
     for r in saved["results"].values():
@@ -57,6 +60,16 @@ print(json.dumps(perplexity(m, t, python_docs("validation")[:4], seq_len=64, bat
     assert proc.returncode == 0, proc.stderr[-2000:]
     fresh = json.loads(proc.stdout.strip().splitlines()[-1])
     assert fresh["perplexity"] == pytest.approx(r["qat"]["perplexity"], rel=1e-4)
+
+    # export.formats=[hf,gguf]: the GGUF beside it holds the saved int4 dir's codes and scales.
+    from test_export import gguf_tensors, q4_0_codes_and_scales
+    from transformers import AutoModelForCausalLM
+
+    w = AutoModelForCausalLM.from_pretrained(out / "int4").get_parameter("model.layers.1.mlp.down_proj.weight")
+    blocks = gguf_tensors(out / "model-q4_0.gguf")["blk.1.ffn_down.weight"].data
+    codes, scales = q4_0_codes_and_scales(np.asarray(blocks))
+    np.testing.assert_array_equal(codes, w.qdata.numpy())
+    np.testing.assert_array_equal(scales, w.scale.to(torch.float16).numpy())  # group size 32: one Q4_0 block
 
 
 def test_delayed_fake_quant_trains_float_first(tiny_checkpoint, tmp_path):

@@ -111,6 +111,34 @@ def test_ptq_equals_convert_of_untrained_fake_quant(scheme, group_size):
     assert torch.equal(logits(ptq), logits(qat))
 
 
+@pytest.mark.parametrize("scheme,group_size", [("8da4w", 32), ("4w", 64)])
+def test_range_learning_trains_the_scales_and_convert_uses_them(scheme, group_size):
+    q = QuantScheme(scheme=scheme, group_size=group_size, range_learning=True)
+    model = fake_quantize_(make_tiny_llama(), q)
+    wq = model.model.layers[1].mlp.down_proj.weight_fake_quantizer
+    assert isinstance(wq.scale, nn.Parameter) and wq.scale.shape == (256, 512 // group_size)
+    # Scales start where PTQ puts them, so the untrained model is PTQ exactly.
+    ptq = quantize_ptq_(make_tiny_llama(), QuantScheme(scheme=scheme, group_size=group_size))
+    assert torch.equal(logits(model), logits(ptq))
+    start = wq.scale.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        model(IDS, labels=IDS).loss.backward()
+        assert wq.scale.grad is not None and wq.scale.grad.abs().sum() > 0
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.equal(wq.scale.detach(), start)
+    fake_logits = logits(model)
+    learned = wq.scale.detach().clone()
+    convert_to_int4(model, q)
+    w = model.model.layers[1].mlp.down_proj.weight
+    assert torch.equal(w.scale.reshape(learned.shape), learned)  # the int4 checkpoint holds the learned scales
+    assert torch.equal(logits(model), fake_logits)
+    with pytest.raises(ValueError, match="range_learning needs the qatune form"):
+        resolve_quantizer({"_component_": "torchao.quantization.qat.Int8DynActInt4WeightQATQuantizer",
+                           "range_learning": True})  # fmt: skip
+
+
 def test_tied_embeddings_float_embedding_int4_lm_head(tiny_llama_tied):
     model = tiny_llama_tied
     embedding = model.get_input_embeddings().weight.detach().clone()

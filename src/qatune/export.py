@@ -29,6 +29,7 @@ FLOAT_TYPES = {
     "f16": gguf.GGMLQuantizationType.F16,
     "q8_0": gguf.GGMLQuantizationType.Q8_0,
 }
+EXPORT_FORMATS = ("hf", "gguf", "executorch")  # hf: the Hugging Face + torchao directory (output_dir/int4)
 Q4_0_BLOCK = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_0][0]  # 32 weights per block
 
 # llama.cpp picks its pre-tokenizer (the regex that splits text before BPE) by name. convert_hf_to_gguf.py finds the
@@ -214,11 +215,13 @@ def export_gguf(
     embeddings: str = "f16",
     pre_tokenizer: str | None = None,
     name: str | None = None,
+    allow_float: bool = False,
 ) -> Path:
     """Write a converted (torchao int4) Llama model as a llama.cpp GGUF whose Q4_0 blocks hold its exact int4 codes.
 
     `embeddings` (f16 | q8_0 | f32) is the type of the float 2D tensors: the token embedding, and the output layer
     or any linear left in float. Norms stay f32 (llama.cpp wants them so). Writes atomically; returns the path.
+    `allow_float=True` also writes a float model (2D tensors as `embeddings`): the twin that benchmarks compare with.
     """
     if embeddings not in FLOAT_TYPES:
         raise ValueError(f"embeddings={embeddings!r}: choose one of {', '.join(FLOAT_TYPES)}")
@@ -233,7 +236,12 @@ def export_gguf(
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name or Path(str(getattr(config, "name_or_path", "") or "model")).name)
     writer.add_description("int4 codes and scales copied from a torchao (QAT or PTQ) checkpoint by qatune")
-    _add_hparams(writer, config, gguf.LlamaFileType.MOSTLY_Q4_0)
+    float_file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
+    is_int4 = quantized_scheme(model) is not None
+    file_type = (
+        gguf.LlamaFileType.MOSTLY_Q4_0 if is_int4 else float_file_types.get(embeddings, gguf.LlamaFileType.MOSTLY_Q8_0)
+    )
+    _add_hparams(writer, config, file_type)
     _add_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
 
     n_int4 = 0
@@ -262,7 +270,7 @@ def export_gguf(
         if qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
             qtype = gguf.GGMLQuantizationType.F16
         writer.add_tensor(gguf_name, _float_tensor(data, qtype), raw_dtype=qtype)
-    if n_int4 == 0:
+    if n_int4 == 0 and not allow_float:
         raise ValueError(
             "model has no int4 weights: convert it first (qatune.quantization.convert_to_int4 after QAT, or "
             "quantize_ptq_) so its int4 codes can be copied"
@@ -288,13 +296,16 @@ def export_gguf(
     return path
 
 
-def export_executorch(model: nn.Module, path: str | os.PathLike, *, max_seq_len: int = 2048) -> Path:
+def export_executorch(
+    model: nn.Module, path: str | os.PathLike, *, max_seq_len: int = 2048, allow_float: bool = False
+) -> Path:
     """Lower a torchao 8da4w model with a static KV cache to an XNNPACK ExecuTorch program (`.pte`).
 
     The program's `forward(input_ids [1, n], cache_position [n]) -> logits [1, n, vocab]` takes the prompt in one
     call (n up to max_seq_len - 1) and then one token at a time; `generate_pte` runs it. Needs the `executorch` extra.
     XNNPACK keeps group scales in bf16: the program matches torchao eager exactly only when the scales are
     bf16-representable (else ~1-2% logit drift). Lowering is slow on a small CPU (SmolLM2-135M: ~30 min, 2 cores).
+    `allow_float=True` also lowers a float model (XNNPACK fp32): the twin that benchmarks compare with.
     """
     try:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -304,7 +315,7 @@ def export_executorch(model: nn.Module, path: str | os.PathLike, *, max_seq_len:
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
     _refuse_fake_quantized(model)
-    if quantized_scheme(model) is None:
+    if quantized_scheme(model) is None and not allow_float:
         raise ValueError("model has no quantized weights: convert it (convert_to_int4) or quantize_ptq_ it first")
     if max_seq_len < 2 or max_seq_len > model.config.max_position_embeddings:
         raise ValueError(f"max_seq_len={max_seq_len}: choose 2..{model.config.max_position_embeddings}")
@@ -349,6 +360,45 @@ def generate_pte(path: str | os.PathLike, prompt_ids: list[int], max_new_tokens:
             pos = len(prompt_ids) + step
             logits = forward.execute([torch.tensor([[out[-1]]]), torch.tensor([pos])])[0]
     return out
+
+
+def check_export_formats(formats: list[str] | tuple[str, ...], embeddings: str = "f16") -> None:
+    """One-line errors for a bad `format` / `export.formats` / `embeddings` before any weights are loaded."""
+    import importlib.util
+
+    if embeddings not in FLOAT_TYPES:
+        raise ValueError(f"embeddings={embeddings!r}: choose one of {', '.join(FLOAT_TYPES)}")
+    for fmt in formats:
+        if fmt not in EXPORT_FORMATS:
+            raise ValueError(f"format={fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    if "executorch" in formats and importlib.util.find_spec("executorch") is None:
+        raise ValueError("export format executorch needs the executorch extra: pip install 'qatune[executorch]'")
+
+
+def export_model(
+    model: nn.Module,
+    tokenizer,
+    fmt: str,
+    output_dir: str | os.PathLike,
+    *,
+    embeddings: str = "f16",
+    max_seq_len: int = 2048,
+) -> Path:
+    """Write a converted int4 model in one runtime's format into `output_dir`; returns the file or directory.
+
+    hf -> output_dir/int4 (transformers + torchao), gguf -> output_dir/model-q4_0.gguf (llama.cpp),
+    executorch -> output_dir/model-<scheme>.pte (XNNPACK). The int4 codes are copied, never re-quantized.
+    """
+    check_export_formats([fmt])
+    out = Path(output_dir)
+    if fmt == "gguf":
+        return export_gguf(model, tokenizer, out / "model-q4_0.gguf", embeddings=embeddings)
+    if fmt == "executorch":
+        return export_executorch(model, out / f"model-{quantized_scheme(model)}.pte", max_seq_len=max_seq_len)
+    from qatune.quantization import save_quantized
+
+    save_quantized(model, tokenizer, out / "int4")
+    return out / "int4"
 
 
 def quantized_scheme(model: nn.Module) -> str | None:

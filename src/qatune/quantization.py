@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMES = ("8da4w", "4w", "8da8w")
 GROUP_SIZES = (32, 64, 128, 256)
-QATUNE_KEYS = ("scheme", "group_size", "skip", "fake_quant_after_n_steps", "fused")
+QATUNE_KEYS = ("scheme", "group_size", "skip", "fake_quant_after_n_steps", "fused", "range_learning")
 
 # The torchtune-form quantizers we accept. torchtune's own name is an alias: torchtune cannot import beside torchao
 # 0.18, and its class was a thin re-export of torchao's.
@@ -69,6 +69,7 @@ class QuantScheme:
     skip: list[str] = field(default_factory=list)  # fnmatch patterns of module names kept in float, e.g. lm_head
     fake_quant_after_n_steps: int = 0  # train in float first; the trainer calls enable_fake_quant at that step
     fused: bool = True  # fused fake quant (qatune.fused_fake_quant): torchao's numerics, much less time and memory
+    range_learning: bool = False  # learn the int weight scales (torchao's range learning, LSQ-style); convert uses them
     legacy: object | None = None  # the torchtune-form quantizer instance, if the config used `_component_`
 
     def __post_init__(self) -> None:
@@ -86,6 +87,10 @@ class QuantScheme:
             raise ValueError(f"quantizer fake_quant_after_n_steps must be an integer >= 0, not {n!r}")
         if not isinstance(self.fused, bool):
             raise ValueError(f"quantizer fused must be true or false, not {self.fused!r}")
+        if not isinstance(self.range_learning, bool):
+            raise ValueError(f"quantizer range_learning must be true or false, not {self.range_learning!r}")
+        if self.range_learning and self.legacy is not None:
+            raise ValueError("quantizer range_learning needs the qatune form (scheme: ...), not _component_")
 
     def base_config(self) -> Int8DynamicActivationIntxWeightConfig | IntxWeightOnlyConfig:
         """The torchao PTQ config that prepare, convert and PTQ all derive from."""
@@ -120,7 +125,8 @@ def resolve_quantizer(section: Mapping | None) -> QuantScheme:
         return QuantScheme(**section)
 
     path = section.pop("_component_")
-    qatune_kwargs = {k: section.pop(k) for k in ("skip", "fake_quant_after_n_steps", "fused") if k in section}
+    qatune_keys = ("skip", "fake_quant_after_n_steps", "fused", "range_learning")
+    qatune_kwargs = {k: section.pop(k) for k in qatune_keys if k in section}
     cls = _import_legacy_quantizer(path)
     try:
         legacy = cls(**section)
@@ -224,7 +230,9 @@ def fake_quantize_(model: nn.Module, q: QuantScheme) -> nn.Module:
             if isinstance(m, FakeQuantizedLinear) and name not in chosen:
                 model.set_submodule(name, m.to_linear())
     else:
-        quantize_(model, QATConfig(q.base_config(), step="prepare"), filter_fn=lambda m, name: name in chosen)
+        quantize_(model, _prepare_config(q), filter_fn=lambda m, name: name in chosen)
+        if q.range_learning:
+            _init_learned_scales(model)
     if q.fused:  # same modules and numerics, a faster forward/backward; torchao's own wherever it does not apply
         not_covered = fuse_fake_quant_(model)
         if not_covered:
@@ -238,6 +246,30 @@ def fake_quantize_(model: nn.Module, q: QuantScheme) -> nn.Module:
     if q.fake_quant_after_n_steps > 0:  # the model starts as float; the trainer switches fake quant on later
         enable_fake_quant(model, False)
     return model
+
+
+def _prepare_config(q: QuantScheme) -> QATConfig:
+    """QATConfig(base, "prepare"); with range learning, the same fake quant configs but static, learnable scales."""
+    if not q.range_learning:
+        return QATConfig(q.base_config(), step="prepare")
+    from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
+
+    activation, weight = _infer_fake_quantize_configs(q.base_config())
+    weight.is_dynamic, weight.range_learning = False, True
+    return QATConfig(activation_config=activation, weight_config=weight, step="prepare")
+
+
+@torch.no_grad()
+def _init_learned_scales(model: nn.Module) -> None:
+    """Start each learned weight scale at the dynamic scale (what PTQ picks), as a Parameter the optimizer will see.
+
+    torchao's initialize_fake_quantizers does this by running a forward on example inputs; the weight scales depend
+    only on the weights, so calling each weight quantizer once is the same and needs no inputs.
+    """
+    for m in model.modules():
+        if isinstance(m, FakeQuantizedLinear) and m.weight_fake_quantizer is not None:
+            m.weight_fake_quantizer._initialized = True
+            m.weight_fake_quantizer(m.weight)
 
 
 def enable_fake_quant(model: nn.Module, enabled: bool) -> nn.Module:

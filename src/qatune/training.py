@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from qatune.config import instantiate
+from qatune.device import mmap_large_cpu_tensors
 from qatune.files import atomic_write_json, atomic_write_text
 
 
@@ -172,6 +173,8 @@ def train(
     """
     output_dir = Path(output_dir)
     set_seed(seed)
+    if accelerator.device.type == "cpu":
+        mmap_large_cpu_tensors()  # activations freed each step go back to the OS, not into a fragmented heap
     if cfg.activation_checkpointing and not accelerator.is_fsdp2:  # FSDP2 applies its own
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

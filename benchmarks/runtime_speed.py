@@ -1,0 +1,189 @@
+"""File size and batch-1 speed of each exported int4 artifact against its float twin in the same runtime.
+
+    python benchmarks/runtime_speed.py --int4 out/smollm2_135m/int4             # a qat_recipe output (QAT codes)
+    python benchmarks/runtime_speed.py --runtimes gguf --threads 2               # no --int4: PTQ SmolLM2 on the fly
+
+Runtimes: gguf = llama.cpp through llama-cpp-python (`pip install llama-cpp-python`, compiles llama.cpp: ~15 min on
+2 cores); executorch = the ExecuTorch runtime over an XNNPACK `.pte` (`pip install 'qatune[executorch]'`). Artifacts:
+int4 (qatune's export: the torchao int4 codes as Q4_0 / XNNPACK 8da4w) and its twins from the float checkpoint the int4
+came from (GGUF f32 and f16, `.pte` fp32). Files are written once into --work-dir and reused (lowering a `.pte` takes
+long). Speed: a prompt of --prompt-len tokens of held-out Python docs in one call (prefill), then --decode greedy tokens
+one call each (decode), median of --runs. `linear MiB` is the bytes of the decoder's linear weights (GGUF only: read
+from the file's tensor table). `agree` is how many of the first 16 greedy tokens equal the eager torchao model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qatune.report import markdown_table
+
+LINEAR_GGUF = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+class LlamaCppRunner:
+    def __init__(self, path: Path, threads: int, n_ctx: int):
+        from llama_cpp import Llama, llama_get_logits_ith
+
+        self.llm = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
+                         verbose=False)  # fmt: skip
+        self._logits = llama_get_logits_ith
+
+    def prefill(self, ids: list[int]) -> int:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return self._next()
+
+    def step(self, token: int) -> int:
+        self.llm.eval([token])
+        return self._next()
+
+    def _next(self) -> int:
+        ptr = self._logits(self.llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),))))
+
+
+class ExecuTorchRunner:
+    def __init__(self, path: Path, threads: int, n_ctx: int):
+        from executorch.runtime import Runtime
+
+        self.forward = Runtime.get().load_program(path).load_method("forward")
+        self.pos = 0
+
+    def prefill(self, ids: list[int]) -> int:
+        logits = self.forward.execute([torch.tensor([ids]), torch.arange(len(ids))])[0]
+        self.pos = len(ids)
+        return int(logits[0, -1].argmax())
+
+    def step(self, token: int) -> int:
+        logits = self.forward.execute([torch.tensor([[token]]), torch.tensor([self.pos])])[0]
+        self.pos += 1
+        return int(logits[0, -1].argmax())
+
+
+RUNNERS = {"gguf": LlamaCppRunner, "executorch": ExecuTorchRunner}
+
+
+def time_runner(runner, prompt: list[int], decode: int, runs: int) -> dict:
+    prefill_s, decode_s, tokens = [], [], []
+    for _ in range(runs + 1):  # the first run warms up (page-in, thread pools) and is not counted
+        start = time.perf_counter()
+        token = runner.prefill(prompt)
+        mid = time.perf_counter()
+        tokens = [token]
+        for _ in range(decode - 1):
+            tokens.append(runner.step(tokens[-1]))
+        end = time.perf_counter()
+        prefill_s.append(mid - start)
+        decode_s.append((end - mid) / max(decode - 1, 1))
+    return {
+        "prefill_tok_s": len(prompt) / statistics.median(prefill_s[1:]),
+        "decode_tok_s": 1 / statistics.median(decode_s[1:]),
+        "tokens": tokens,
+    }
+
+
+def gguf_linear_bytes(path: Path) -> int:
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name.split(".")[-2] in LINEAR_GGUF)
+
+
+def build_artifacts(args, runtimes: list[str]) -> tuple[dict[tuple[str, str], Path], list[int], list[int]]:
+    """Export what --work-dir lacks; returns {(runtime, kind): path}, the prompt ids and eager int4's greedy tokens."""
+    from qatune.data import python_docs
+    from qatune.export import export_executorch, export_gguf
+    from qatune.models import load_model, load_tokenizer
+    from qatune.quantization import quantize_ptq_, resolve_quantizer
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(args.float)
+    prompt = tokenizer(python_docs("validation")[0])["input_ids"][: args.prompt_len]
+    if args.int4:
+        int4 = load_model(args.int4, device="cpu")
+    else:
+        int4 = quantize_ptq_(load_model(args.float, device="cpu"), resolve_quantizer({"scheme": "8da4w"}))
+    with torch.no_grad():
+        eager = int4.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt) :].tolist()
+    paths, float_model = {}, None
+    plan = {
+        ("gguf", "int4 Q4_0"): (work / "model-q4_0.gguf", lambda m, p: export_gguf(m, tokenizer, p)),
+        ("gguf", "f16 twin"): (work / "model-f16.gguf", lambda m, p: export_gguf(m, tokenizer, p, allow_float=True)),
+        ("gguf", "f32 twin"): (
+            work / "model-f32.gguf", lambda m, p: export_gguf(m, tokenizer, p, embeddings="f32", allow_float=True)
+        ),
+        ("executorch", "int4 8da4w"): (
+            work / "model-8da4w.pte", lambda m, p: export_executorch(m, p, max_seq_len=args.n_ctx)
+        ),
+        ("executorch", "fp32 twin"): (
+            work / "model-fp32.pte", lambda m, p: export_executorch(m, p, max_seq_len=args.n_ctx, allow_float=True)
+        ),
+    }  # fmt: skip
+    for (runtime, kind), (path, export) in plan.items():
+        if runtime not in runtimes:
+            continue
+        if not path.is_file():
+            start = time.perf_counter()
+            if kind.startswith("int4"):
+                export(int4, path)
+            else:
+                float_model = float_model or load_model(args.float, dtype="fp32", device="cpu")
+                export(float_model, path)
+            print(f"exported {path} in {time.perf_counter() - start:.0f} s", flush=True)
+        paths[runtime, kind] = path
+    return paths, prompt, eager
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--int4", help="an int4 dir from qat_recipe (default: PTQ of --float on the fly)")
+    parser.add_argument("--float", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="the float checkpoint (twins)")
+    parser.add_argument("--runtimes", default="gguf,executorch", help="comma-separated: gguf, executorch")
+    parser.add_argument("--work-dir", default="out/runtime_speed", help="artifacts are written (and reused) here")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n-ctx", type=int, default=256, help="context / KV-cache length")
+    args = parser.parse_args()
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    if bad := [r for r in runtimes if r not in RUNNERS]:
+        parser.error(f"--runtimes {','.join(bad)}: choose from {', '.join(RUNNERS)}")
+    torch.set_num_threads(args.threads)
+
+    paths, prompt, eager = build_artifacts(args, runtimes)
+    rows, twins = [], {}
+    for (runtime, kind), path in paths.items():
+        result = time_runner(RUNNERS[runtime](path, args.threads, args.n_ctx), prompt, args.decode, args.runs)
+        row = {"runtime": runtime, "artifact": kind, "file": path.name, "file_MiB": path.stat().st_size / 2**20}
+        row["linear_MiB"] = gguf_linear_bytes(path) / 2**20 if runtime == "gguf" else None
+        row |= {k: result[k] for k in ("prefill_tok_s", "decode_tok_s")}
+        row["agree"] = sum(a == b for a, b in zip(result["tokens"][:16], eager, strict=False))
+        rows.append(row)
+        print(f"measured {runtime} {kind}: {row}", flush=True)
+    for row in rows:  # the int4 row against each float twin of the same runtime
+        twins.setdefault(row["runtime"], []).append(row)
+    lines = []
+    for runtime, group in twins.items():
+        int4 = next(r for r in group if r["artifact"].startswith("int4"))
+        for twin in (r for r in group if r is not int4):
+            size = (int4["linear_MiB"] or int4["file_MiB"]) / (twin["linear_MiB"] or twin["file_MiB"])
+            speed = int4["decode_tok_s"] / twin["decode_tok_s"]
+            lines.append(f"{runtime}: int4 vs {twin['artifact']}: decode {speed:.2f}x faster, size {size:.3f}x")
+    headers = ["runtime", "artifact", "file", "file_MiB", "linear_MiB", "prefill_tok_s", "decode_tok_s", "agree"]
+    cell = {float: lambda v: f"{v:.1f}", type(None): lambda v: "-"}
+    table = [[cell.get(type(r[h]), str)(r[h]) for h in headers] for r in rows]
+    print("\n".join(markdown_table(headers, table)))
+    print(f"prompt {len(prompt)} tokens, decode {args.decode}, median of {args.runs} runs, {args.threads} threads")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
