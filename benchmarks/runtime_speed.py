@@ -95,8 +95,35 @@ def gguf_linear_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name.split(".")[-2] in LINEAR_GGUF)
 
 
-def build_artifacts(args, runtimes: list[str]) -> tuple[dict[tuple[str, str], Path], list[int], list[int]]:
-    """Export what --work-dir lacks; returns {(runtime, kind): path}, the prompt ids and eager int4's greedy tokens."""
+def gguf_exact_linears(model, path: Path) -> tuple[int, int]:
+    """How many int4 linear weights in the GGUF dequantize (gguf's own Q4_0 reader) to exactly torchao's dequantized
+    weight with its scales rounded to fp16 (llama.cpp's q/k row order); and how many int4 linears the model has."""
+    import gguf
+
+    from qatune.export import permute_for_llama_cpp
+
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    heads = {"q_proj": model.config.num_attention_heads, "k_proj": model.config.num_key_value_heads}
+    exact = total = 0
+    for name, w in model.named_parameters():
+        if not hasattr(w, "qdata"):
+            continue
+        total += 1
+        group = w.block_size[1]
+        scale16 = w.scale.to(torch.float16).float().repeat_interleave(group, dim=1)
+        expected = w.qdata.float() * scale16
+        if n_head := next((h for key, h in heads.items() if f".{key}." in name), None):
+            expected = permute_for_llama_cpp(expected, n_head)
+        t = tensors[names.get_name(name, try_suffixes=(".weight",))]
+        got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(expected.shape)
+        exact += bool(np.array_equal(got, expected.numpy()))
+    return exact, total
+
+
+def build_artifacts(args, runtimes: list[str]) -> tuple[dict, list[int], list[int], torch.nn.Module]:
+    """Export what --work-dir lacks; returns {(runtime, kind): path}, the prompt ids, eager int4's greedy tokens and
+    the int4 model."""
     from qatune.data import python_docs
     from qatune.export import export_executorch, export_gguf
     from qatune.models import load_model, load_tokenizer
@@ -138,7 +165,7 @@ def build_artifacts(args, runtimes: list[str]) -> tuple[dict[tuple[str, str], Pa
                 export(float_model, path)
             print(f"exported {path} in {time.perf_counter() - start:.0f} s", flush=True)
         paths[runtime, kind] = path
-    return paths, prompt, eager
+    return paths, prompt, eager, int4
 
 
 def main() -> None:
@@ -158,7 +185,10 @@ def main() -> None:
         parser.error(f"--runtimes {','.join(bad)}: choose from {', '.join(RUNNERS)}")
     torch.set_num_threads(args.threads)
 
-    paths, prompt, eager = build_artifacts(args, runtimes)
+    paths, prompt, eager, int4 = build_artifacts(args, runtimes)
+    if ("gguf", "int4 Q4_0") in paths:
+        exact, total = gguf_exact_linears(int4, paths["gguf", "int4 Q4_0"])
+        print(f"GGUF: {exact} of {total} int4 linear weights dequantize exactly to torchao's (fp16 scales)")
     rows, twins = [], {}
     for (runtime, kind), path in paths.items():
         result = time_runner(RUNNERS[runtime](path, args.threads, args.n_ctx), prompt, args.decode, args.runs)

@@ -34,6 +34,7 @@ from qatune.quantization import (
     quantize_ptq_,
     resolve_quantizer,
     save_quantized,
+    self_distillation_loss,
 )
 from qatune.report import format_table, recovery, write_report
 from qatune.training import DistributedConfig, TrainConfig, make_accelerator, train
@@ -75,6 +76,7 @@ class Config(TrainConfig):
     optimizer: dict[str, Any] = field(default_factory=lambda: {"_component_": "torch.optim.AdamW", "lr": 2e-5})
     lr_scheduler: dict[str, Any] | None = None  # e.g. transformers.get_cosine_schedule_with_warmup
     quantizer: dict[str, Any] = field(default_factory=lambda: {"scheme": "8da4w", "group_size": 32})
+    self_distillation: float = 0.0  # QAT loss = (1-w) CE + w KL(float || fake-quantized), same weights; 0 = off
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -87,6 +89,8 @@ def check_config(cfg: DictConfig) -> None:
     check_dataset_config(cfg.dataset)
     check_dataset_config(cfg.eval_dataset)
     check_export_formats(list(cfg.export.formats), cfg.export.embeddings)
+    if not 0 <= cfg.self_distillation <= 1:
+        raise ValueError(f"self_distillation={cfg.self_distillation}: choose a weight in [0, 1] (0 = off)")
 
 
 def main(cfg: DictConfig) -> dict:
@@ -118,7 +122,7 @@ def main(cfg: DictConfig) -> dict:
             result |= measure_model(model, tokenizer, **speed)
         return result
 
-    def fine_tune(model: torch.nn.Module, name: str, on_step=None) -> tuple[torch.nn.Module | None, dict]:
+    def fine_tune(model: torch.nn.Module, name: str, on_step=None, loss_fn=None) -> tuple[torch.nn.Module | None, dict]:
         def rebuild(state: dict) -> torch.nn.Module:  # FSDP2 only: the whole model on rank 0 from gathered weights
             fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             if name == "qat":
@@ -130,7 +134,7 @@ def main(cfg: DictConfig) -> dict:
         model, run = train(
             model, train_data, cfg=train_cfg, optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.lr_scheduler,
             accelerator=accelerator, output_dir=out / name, seed=cfg.seed, on_step=on_step, run_name=name,
-            rebuild=rebuild, eval_dataset=val_data,
+            rebuild=rebuild, eval_dataset=val_data, loss_fn=loss_fn,
         )  # fmt: skip
         return model, {k: v for k, v in vars(run).items() if k != "losses"}
 
@@ -160,7 +164,13 @@ def main(cfg: DictConfig) -> dict:
         # Float fine-tuning for the first N steps, fake quant from then on (also right after a resume).
         enable_fake_quant(model, step >= q.fake_quant_after_n_steps)
 
-    model, training["qat"] = fine_tune(model, "qat", delayed_fake_quant if q.fake_quant_after_n_steps else None)
+    def distilled(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return self_distillation_loss(model, batch, cfg.self_distillation)
+
+    model, training["qat"] = fine_tune(
+        model, "qat", delayed_fake_quant if q.fake_quant_after_n_steps else None,
+        distilled if cfg.self_distillation else None,
+    )  # fmt: skip
     report = {
         "model": {"path": cfg.model.path},
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -282,6 +282,40 @@ def enable_fake_quant(model: nn.Module, enabled: bool) -> nn.Module:
     return model
 
 
+def self_distillation_loss(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], weight: float, temperature: float = 1.0
+) -> torch.Tensor:
+    """(1 - weight) * next-token loss + weight * KL(float || fake-quantized) of the same weights' predictions.
+
+    The teacher is the model itself with fake quantization off (one extra forward, no graph): the term pulls the
+    quantized function towards the float function of the current weights, which is the error int4 adds, while the
+    next-token loss keeps learning the data. While fake quant is still off (fake_quant_after_n_steps) it is the plain
+    loss. Positions with label -100 (prompts, padding) are left out of both terms.
+    """
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    layers = [m for m in inner.modules() if isinstance(m, FakeQuantizedLinear)]
+    on = any(m.weight_fake_quantizer is not None and m.weight_fake_quantizer.enabled for m in layers)
+    out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+    if not on or weight == 0:
+        return out.loss
+    with torch.no_grad():
+        enable_fake_quant(inner, False)
+        try:
+            teacher = inner(input_ids=batch["input_ids"]).logits
+        finally:
+            enable_fake_quant(inner, True)
+    # Logit t predicts token t + 1, as in the model's own loss.
+    keep = batch["labels"][:, 1:] != -100
+    student = out.logits[:, :-1][keep].float() / temperature
+    teacher = teacher[:, :-1][keep].float() / temperature
+    kl = torch.nn.functional.kl_div(
+        torch.log_softmax(student, -1), torch.log_softmax(teacher, -1), log_target=True, reduction="batchmean"
+    )
+    return (1 - weight) * out.loss + weight * kl * temperature**2
+
+
 def convert_to_int4(model: nn.Module, q: QuantScheme) -> nn.Module:
     """Fake-quantized model -> real quantized weights with exactly the trained numerics, in place (also for 8da8w).
 

@@ -162,11 +162,13 @@ def train(
     on_step: Callable[[torch.nn.Module, int], None] | None = None,
     run_name: str = "train",
     rebuild: Callable[[dict], torch.nn.Module] | None = None,
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
 ) -> tuple[torch.nn.Module | None, TrainResult]:
     """Train `model` in place.
 
     `on_step(model, step)` runs before each optimizer step's first micro-batch: the recipe uses it to switch fake
-    quantization on after N steps, and on resume it is called again for the restored step.
+    quantization on after N steps, and on resume it is called again for the restored step. `loss_fn(model, batch)`
+    replaces the plain next-token loss (the recipe's self-distillation).
 
     Returns the trained, unwrapped model and the run's figures. Under FSDP2 each rank holds only shards: the full
     weights are gathered and `rebuild(state_dict)` makes the whole model on rank 0 (other ranks get None).
@@ -237,7 +239,10 @@ def train(
             if on_step is not None and not step_losses:
                 on_step(accelerator.unwrap_model(model), step)
             with accelerator.accumulate(model):
-                loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+                if loss_fn is None:
+                    loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+                else:
+                    loss = loss_fn(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.clip_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
