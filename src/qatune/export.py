@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qatune.files import atomic_write_bytes
+from qatune.files import atomic_file, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -279,19 +279,12 @@ def export_gguf(
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", freqs)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # GGUFWriter streams to a path (a 4 GB file should not sit in memory), so write a temp name and rename it.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer.write_header_to_file(path=Path(tmp))
+    # GGUFWriter streams to a path (a 4 GB file should not sit in memory), so it writes a temp name that is renamed.
+    with atomic_file(path) as tmp:
+        writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     logger.info("wrote %s (%d int4 tensors as Q4_0)", path, n_int4)
     return path
 
