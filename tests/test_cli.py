@@ -53,6 +53,8 @@ def test_validate_reports_a_bad_copy_in_one_line(tmp_path, capsys):
         ("quantizer.scheme=8da3w", "8da3w"),
         ("optimizer._component_=torch.optim.AdamV", "AdamV"),
         ("batch_size=four", "batch_size"),
+        ("export.formats=[hf,onnx]", "onnx"),
+        ("self_distillation=1.5", "self_distillation"),
     ],
 )
 def test_run_with_bad_override_fails_before_loading(override, expected):
