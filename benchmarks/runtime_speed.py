@@ -3,13 +3,14 @@
     python benchmarks/runtime_speed.py --int4 out/smollm2_135m/int4             # a qat_recipe output (QAT codes)
     python benchmarks/runtime_speed.py --runtimes gguf --threads 2               # no --int4: PTQ SmolLM2 on the fly
 
-Runtimes: gguf = llama.cpp through llama-cpp-python (`pip install llama-cpp-python`, compiles llama.cpp: ~15 min on
-2 cores); executorch = the ExecuTorch runtime over an XNNPACK `.pte` (`pip install 'qatune[executorch]'`). Artifacts:
-int4 (qatune's export: the torchao int4 codes as Q4_0 / XNNPACK 8da4w) and its twins from the float checkpoint the int4
-came from (GGUF f32 and f16, `.pte` fp32). Files are written once into --work-dir and reused (lowering a `.pte` takes
-long). Speed: a prompt of --prompt-len tokens of held-out Python docs in one call (prefill), then --decode greedy tokens
-one call each (decode), median of --runs. `linear MiB` is the bytes of the decoder's linear weights (GGUF only: read
-from the file's tensor table). `agree` is how many of the first 16 greedy tokens equal the eager torchao model's.
+Runtimes: gguf = llama.cpp through llama-cpp-python (`pip install 'qatune[llama-cpp]'`, compiles llama.cpp: ~25 min on 2
+cores); executorch = the ExecuTorch runtime over an XNNPACK `.pte` (`pip install 'qatune[executorch]'`). Artifacts: int4
+(qatune's export: the torchao int4 codes as Q4_0 / XNNPACK 8da4w) and float twins of --float, the checkpoint QAT started
+from (GGUF f32 and f16, `.pte` fp32; speed and size do not depend on the trained values). Files are written once into
+--work-dir and reused (lowering a `.pte` takes long). Speed: a prompt of --prompt-len tokens of held-out Python docs in
+one call (prefill), then --decode greedy tokens one call each (decode), median of --runs. `linear MiB` is the bytes of
+the decoder's linear weights (GGUF only: read from the file's tensor table). `agree` is how many of the first 16 greedy
+tokens equal the eager torchao model's.
 """
 
 from __future__ import annotations
