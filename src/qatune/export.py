@@ -235,9 +235,10 @@ def export_gguf(
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name or Path(str(getattr(config, "name_or_path", "") or "model")).name)
-    writer.add_description("int4 codes and scales copied from a torchao (QAT or PTQ) checkpoint by qatune")
     float_file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
     is_int4 = quantized_scheme(model) is not None
+    what = "int4 codes and scales copied from a torchao (QAT or PTQ) checkpoint" if is_int4 else "a float checkpoint"
+    writer.add_description(f"{what}, written by qatune")
     file_type = (
         gguf.LlamaFileType.MOSTLY_Q4_0 if is_int4 else float_file_types.get(embeddings, gguf.LlamaFileType.MOSTLY_Q8_0)
     )
