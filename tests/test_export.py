@@ -203,6 +203,20 @@ def test_unmappable_schemes_are_refused(tmp_path, tiny_tokenizer, config, messag
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
+def test_float_twin_reads_back_as_the_float_model(tmp_path, tiny_tokenizer):
+    """allow_float=True writes the float twin benchmarks compare with: transformers reads it back to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny_llama()
+    export_gguf(model, tiny_tokenizer, tmp_path / "f32.gguf", embeddings="f32", allow_float=True)
+    tensors = gguf_tensors(tmp_path / "f32.gguf")
+    assert tensors["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="f32.gguf").eval()
+    ids = torch.tensor([tiny_tokenizer("def f(x):\n    return x * 2")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_float_model_and_bad_options_are_refused(tmp_path, tiny_tokenizer):
     with pytest.raises(ValueError, match="no int4 weights"):
         export_gguf(make_tiny_llama(), tiny_tokenizer, tmp_path / "m.gguf")
