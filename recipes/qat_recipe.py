@@ -88,9 +88,7 @@ def check_config(cfg: DictConfig) -> None:
     q = resolve_quantizer(cfg.quantizer)
     check_dataset_config(cfg.dataset)
     check_dataset_config(cfg.eval_dataset)
-    check_export_formats(list(cfg.export.formats), cfg.export.embeddings)
-    if "gguf" in cfg.export.formats and q.scheme not in ("8da4w", "4w"):
-        raise ValueError(f"export.formats has gguf, but quantizer.scheme={q.scheme} has no Q4_0 form; use 8da4w or 4w")
+    check_export_formats(list(cfg.export.formats), cfg.export.embeddings, q.scheme)
     if not 0 <= cfg.self_distillation <= 1:
         raise ValueError(f"self_distillation={cfg.self_distillation}: choose a weight in [0, 1] (0 = off)")
 

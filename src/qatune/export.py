@@ -356,8 +356,11 @@ def generate_pte(path: str | os.PathLike, prompt_ids: list[int], max_new_tokens:
     return out
 
 
-def check_export_formats(formats: list[str] | tuple[str, ...], embeddings: str = "f16") -> None:
-    """One-line errors for a bad `format` / `export.formats` / `embeddings` before any weights are loaded."""
+def check_export_formats(
+    formats: list[str] | tuple[str, ...], embeddings: str = "f16", scheme: str | None = None
+) -> None:
+    """One-line errors for a bad `format` / `export.formats` / `embeddings` (and a quantizer `scheme` GGUF cannot
+    hold) before any weights are loaded."""
     import importlib.util
 
     if embeddings not in FLOAT_TYPES:
@@ -365,6 +368,8 @@ def check_export_formats(formats: list[str] | tuple[str, ...], embeddings: str =
     for fmt in formats:
         if fmt not in EXPORT_FORMATS:
             raise ValueError(f"format={fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    if "gguf" in formats and scheme is not None and scheme not in ("8da4w", "4w"):
+        raise ValueError(f"format gguf: quantizer scheme {scheme} has no Q4_0 form; use 8da4w or 4w")
     if "executorch" in formats and importlib.util.find_spec("executorch") is None:
         raise ValueError("export format executorch needs the executorch extra: pip install 'qatune[executorch]'")
 
