@@ -4,13 +4,16 @@
     python benchmarks/runtime_speed.py --runtimes gguf --threads 2               # no --int4: PTQ SmolLM2 on the fly
 
 Runtimes: gguf = llama.cpp through llama-cpp-python (`pip install 'qatune[llama-cpp]'`, compiles llama.cpp: ~25 min on 2
-cores); executorch = the ExecuTorch runtime over an XNNPACK `.pte` (`pip install 'qatune[executorch]'`). Artifacts: int4
+cores); executorch = the ExecuTorch runtime over an XNNPACK `.pte` (`pip install 'qatune[executorch]'`); torch =
+transformers + torchao eager over the --int4 directory itself, with a KV cache (no twin). Artifacts: int4
 (qatune's export: the torchao int4 codes as Q4_0 / XNNPACK 8da4w) and float twins of --float, the checkpoint QAT started
 from (GGUF f32 and f16, `.pte` fp32; speed and size do not depend on the trained values). Files are written once into
 --work-dir and reused (lowering a `.pte` takes long). Speed: a prompt of --prompt-len tokens of held-out Python docs in
 one call (prefill), then --decode greedy tokens one call each (decode), median of --runs. `linear MiB` is the bytes of
-the decoder's linear weights (GGUF only: read from the file's tensor table). `agree` is how many of the first 16 greedy
-tokens equal the eager torchao model's.
+the decoder's linear weights (GGUF only: read from the file's tensor table). `agree`: over --agree-prompts prompts (the
+first validation docs, --prompt-len tokens each), on how many all 16 greedy tokens equal the eager torchao model's
+(no KV cache). `tie` is, where a runtime's token first differs, the largest gap between eager's logits for eager's
+token and for the runtime's: a gap below the kernels' logit drift (~2%, a few tenths here) is a tie flip, not a bug.
 """
 
 from __future__ import annotations
@@ -52,7 +55,11 @@ class LlamaCppRunner:
 
 class ExecuTorchRunner:
     def __init__(self, path: Path, threads: int, n_ctx: int):
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (the programs call llama:: kernels)
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
         from executorch.runtime import Runtime
+
+        _unsafe_reset_threadpool(threads)
 
         self.forward = Runtime.get().load_program(path).load_method("forward")
         self.pos = 0
@@ -68,7 +75,31 @@ class ExecuTorchRunner:
         return int(logits[0, -1].argmax())
 
 
-RUNNERS = {"gguf": LlamaCppRunner, "executorch": ExecuTorchRunner}
+class TorchRunner:
+    """transformers + torchao eager over the int4 directory (the `hf` format), with a KV cache: the reference the
+    runtimes are compared with, and a measure of how far eager's own floating-point order moves greedy tokens."""
+
+    def __init__(self, path: Path, threads: int, n_ctx: int):
+        from qatune.models import load_model
+
+        self.model = load_model(str(path), device="cpu")
+
+    @torch.no_grad()
+    def prefill(self, ids: list[int]) -> int:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        return self._next(torch.tensor([ids]))
+
+    @torch.no_grad()
+    def step(self, token: int) -> int:
+        return self._next(torch.tensor([[token]]))
+
+    def _next(self, ids: torch.Tensor) -> int:
+        return int(self.model(ids, past_key_values=self.cache, use_cache=True).logits[0, -1].argmax())
+
+
+RUNNERS = {"gguf": LlamaCppRunner, "executorch": ExecuTorchRunner, "torch": TorchRunner}
 
 
 def time_runner(runner, prompt: list[int], decode: int, runs: int) -> dict:
@@ -122,9 +153,9 @@ def gguf_exact_linears(model, path: Path) -> tuple[int, int]:
     return exact, total
 
 
-def build_artifacts(args, runtimes: list[str]) -> tuple[dict, list[int], list[int], torch.nn.Module]:
-    """Export what --work-dir lacks; returns {(runtime, kind): path}, the prompt ids, eager int4's greedy tokens and
-    the int4 model."""
+def build_artifacts(args, runtimes: list[str]) -> tuple[dict, list[list[int]], list, torch.nn.Module]:
+    """Export what --work-dir lacks; returns {(runtime, kind): path}, the prompts, eager int4's greedy tokens and
+    logits for each, and the int4 model."""
     from qatune.data import python_docs
     from qatune.export import export_executorch, export_gguf
     from qatune.models import load_model, load_tokenizer
@@ -133,13 +164,13 @@ def build_artifacts(args, runtimes: list[str]) -> tuple[dict, list[int], list[in
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(args.float)
-    prompt = tokenizer(python_docs("validation")[0])["input_ids"][: args.prompt_len]
+    docs = python_docs("validation")[: args.agree_prompts]
+    prompts = [tokenizer(doc)["input_ids"][: args.prompt_len] for doc in docs]
     if args.int4:
         int4 = load_model(args.int4, device="cpu")
     else:
         int4 = quantize_ptq_(load_model(args.float, device="cpu"), resolve_quantizer({"scheme": "8da4w"}))
-    with torch.no_grad():
-        eager = int4.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt) :].tolist()
+    eager = [eager_greedy(int4, prompt) for prompt in prompts]
     paths, float_model = {}, None
     plan = {
         ("gguf", "int4 Q4_0"): (work / "model-q4_0.gguf", lambda m, p: export_gguf(m, tokenizer, p)),
@@ -166,37 +197,71 @@ def build_artifacts(args, runtimes: list[str]) -> tuple[dict, list[int], list[in
                 export(float_model, path)
             print(f"exported {path} in {time.perf_counter() - start:.0f} s", flush=True)
         paths[runtime, kind] = path
-    return paths, prompt, eager, int4
+    if "torch" in runtimes and args.int4:
+        paths["torch", "int4 8da4w"] = Path(args.int4)
+    return paths, prompts, eager, int4
+
+
+def eager_greedy(model, prompt: list[int], steps: int = 16) -> tuple[list[int], list[torch.Tensor]]:
+    """The eager model's greedy tokens, each from a full forward pass (no KV cache), and the logits they came from."""
+    ids, tokens, logits = torch.tensor([prompt]), [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits.append(model(ids).logits[0, -1])
+            tokens.append(int(logits[-1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[tokens[-1]]])], dim=1)
+    return tokens, logits
+
+
+def agreement(runner, prompts: list[list[int]], eager: list) -> tuple[int, float]:
+    """On how many prompts the runner's 16 greedy tokens all equal eager's, and the largest eager logit gap between
+    the two tokens where they first differ (0 if they never do)."""
+    same, tie = 0, 0.0
+    for prompt, (tokens, logits) in zip(prompts, eager, strict=True):
+        got = [runner.prefill(prompt)]
+        for _ in range(len(tokens) - 1):
+            got.append(runner.step(got[-1]))
+        first = next((i for i, (a, b) in enumerate(zip(got, tokens, strict=True)) if a != b), None)
+        if first is None:
+            same += 1
+        else:
+            tie = max(tie, float(logits[first][tokens[first]] - logits[first][got[first]]))
+    return same, tie
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--int4", help="an int4 dir from qat_recipe (default: PTQ of --float on the fly)")
     parser.add_argument("--float", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="the float checkpoint (twins)")
-    parser.add_argument("--runtimes", default="gguf,executorch", help="comma-separated: gguf, executorch")
+    parser.add_argument("--runtimes", default="gguf,executorch,torch", help="comma-separated: gguf, executorch, torch")
     parser.add_argument("--work-dir", default="out/runtime_speed", help="artifacts are written (and reused) here")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-ctx", type=int, default=256, help="context / KV-cache length")
+    parser.add_argument("--agree-prompts", type=int, default=8, help="prompts for the greedy-agreement check")
     args = parser.parse_args()
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     if bad := [r for r in runtimes if r not in RUNNERS]:
         parser.error(f"--runtimes {','.join(bad)}: choose from {', '.join(RUNNERS)}")
     torch.set_num_threads(args.threads)
 
-    paths, prompt, eager, int4 = build_artifacts(args, runtimes)
+    paths, prompts, eager, int4 = build_artifacts(args, runtimes)
+    prompt = prompts[0]
     if ("gguf", "int4 Q4_0") in paths:
         exact, total = gguf_exact_linears(int4, paths["gguf", "int4 Q4_0"])
         print(f"GGUF: {exact} of {total} int4 linear weights dequantize exactly to torchao's (fp16 scales)")
     rows, twins = [], {}
     for (runtime, kind), path in paths.items():
-        result = time_runner(RUNNERS[runtime](path, args.threads, args.n_ctx), prompt, args.decode, args.runs)
-        row = {"runtime": runtime, "artifact": kind, "file": path.name, "file_MiB": path.stat().st_size / 2**20}
+        runner = RUNNERS[runtime](path, args.threads, args.n_ctx)
+        result = time_runner(runner, prompt, args.decode, args.runs)
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
+        row = {"runtime": runtime, "artifact": kind, "file": path.name, "file_MiB": size / 2**20}
         row["linear_MiB"] = gguf_linear_bytes(path) / 2**20 if runtime == "gguf" else None
         row |= {k: result[k] for k in ("prefill_tok_s", "decode_tok_s")}
-        row["agree"] = sum(a == b for a, b in zip(result["tokens"][:16], eager, strict=False))
+        same, tie = agreement(runner, prompts, eager)
+        row["agree"], row["tie"] = f"{same}/{len(prompts)}", tie
         rows.append(row)
         print(f"measured {runtime} {kind}: {row}", flush=True)
     for row in rows:  # the int4 row against each float twin of the same runtime
@@ -208,11 +273,12 @@ def main() -> None:
             size = (int4["linear_MiB"] or int4["file_MiB"]) / (twin["linear_MiB"] or twin["file_MiB"])
             speed = int4["decode_tok_s"] / twin["decode_tok_s"]
             lines.append(f"{runtime}: int4 vs {twin['artifact']}: decode {speed:.2f}x faster, size {size:.3f}x")
-    headers = ["runtime", "artifact", "file", "file_MiB", "linear_MiB", "prefill_tok_s", "decode_tok_s", "agree"]
-    cell = {float: lambda v: f"{v:.1f}", type(None): lambda v: "-"}
+    headers = ["runtime", "artifact", "file", "file_MiB", "linear_MiB", "prefill_tok_s", "decode_tok_s", "agree", "tie"]
+    cell = {float: lambda v: f"{v:.2f}" if v < 10 else f"{v:.1f}", type(None): lambda v: "-"}
     table = [[cell.get(type(r[h]), str)(r[h]) for h in headers] for r in rows]
     print("\n".join(markdown_table(headers, table)))
-    print(f"prompt {len(prompt)} tokens, decode {args.decode}, median of {args.runs} runs, {args.threads} threads")
+    print(f"prompt {len(prompt)} tokens, decode {args.decode}, median of {args.runs} runs, {args.threads} threads;"
+          f" agree: 16 greedy tokens on {len(prompts)} prompts")  # fmt: skip
     print("\n".join(lines))
 
 

@@ -254,6 +254,11 @@ def test_executorch_pte_generates_like_eager(tmp_path):
             ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
         eager_logits = model(ids).logits
     path = export_executorch(model, tmp_path / "m.pte", max_seq_len=32)
+    # the export borrows the model (cache buffers, attention kernel) and gives it back as it was
+    assert not [name for name, _ in model.named_buffers() if "et_" in name]
+    assert model.config._attn_implementation != "qatune_executorch"
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, eager_logits, rtol=0, atol=0)
     assert generate_pte(path, prompt, max_new_tokens=16) == ids[0, len(prompt) :].tolist()
     forward = Runtime.get().load_program(path).load_method("forward")
     pte_logits = forward.execute([ids, torch.arange(ids.shape[1])])[0]
@@ -328,3 +333,14 @@ def test_recipe_exports_a_saved_int4_dir(tmp_path, float_checkpoint):
     np.testing.assert_array_equal(codes, model.get_parameter("model.layers.0.mlp.up_proj.weight").qdata.numpy())
     with pytest.raises(ValueError, match="already quantized"):
         recipe.main(load_recipe_config("export", "export", [f"model.path={tmp_path / 'int4'}", "quantize=8da4w"])[1])
+
+
+def test_executorch_refuses_a_sliding_window_shorter_than_the_cache(tmp_path):
+    pytest.importorskip("executorch", reason="needs the executorch extra")
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16)  # fmt: skip
+    with pytest.raises(ValueError, match="sliding_window=16.*max_seq_len<=16"):
+        export_executorch(MistralForCausalLM(config), tmp_path / "m.pte", max_seq_len=32, allow_float=True)
+    assert not list(tmp_path.iterdir())
