@@ -7,27 +7,38 @@ Runtimes: gguf = llama.cpp through llama-cpp-python (`pip install 'qatune[llama-
 cores); executorch = the ExecuTorch runtime over an XNNPACK `.pte` (`pip install 'qatune[executorch]'`); torch =
 transformers + torchao eager over the --int4 directory itself, with a KV cache (no twin). Artifacts: int4
 (qatune's export: the torchao int4 codes as Q4_0 / XNNPACK 8da4w) and float twins of --float, the checkpoint QAT started
-from (GGUF f32 and f16, `.pte` fp32; speed and size do not depend on the trained values). Files are written once into
+from (GGUF f32 and f16, `.pte` fp32; speed and size do not depend on the trained values); and, for llama.cpp, two Q4_0
+files made by llama.cpp's own quantizer (`llama_model_quantize`, linears Q4_0, embedding/output f16 as in ours):
+`requant Q4_0` re-quantizes the int4 model's own (dequantized) weights, as converting a QAT checkpoint to a float GGUF
+and running llama-quantize would, and `PTQ Q4_0` quantizes the float twin. Files are written once into
 --work-dir and reused (lowering a `.pte` takes long). Speed: a prompt of --prompt-len tokens of held-out Python docs in
 one call (prefill), then --decode greedy tokens one call each (decode), median of --runs. `linear MiB` is the bytes of
 the decoder's linear weights (GGUF only: read from the file's tensor table). `agree`: over --agree-prompts prompts (the
 first validation docs, --prompt-len tokens each), on how many all 16 greedy tokens equal the eager torchao model's
-(no KV cache). `tie` is, where a runtime's token first differs, the largest gap between eager's logits for eager's
+(no KV cache); `tie` is, where a runtime's token first differs, the largest gap between eager's logits for eager's
 token and for the runtime's: a gap below the kernels' logit drift (~2%, a few tenths here) is a tie flip, not a bug.
+`ppl`: token perplexity from the runtime's own logits on --ppl-docs held-out docs in windows of --ppl-seq-len
+(qatune.evaluation's gptq protocol, the recipe's eval: the torch row reproduces report.json's QAT perplexity);
+`top1_%`: at how many of those positions the runtime's top token is eager torchao's (teacher-forced, so one flip does
+not carry over to the tokens after it, as it does in `agree`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from qatune.report import markdown_table
 
+Q4_0 = gguf.GGMLQuantizationType.Q4_0
 LINEAR_GGUF = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -38,6 +49,8 @@ class LlamaCppRunner:
         self.llm = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
                          verbose=False)  # fmt: skip
         self._logits = llama_get_logits_ith
+        self._open_scoring = lambda: Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
+                                           n_threads_batch=threads, logits_all=True, verbose=False)  # fmt: skip
 
     def prefill(self, ids: list[int]) -> int:
         self.llm.reset()
@@ -51,6 +64,13 @@ class LlamaCppRunner:
     def _next(self) -> int:
         ptr = self._logits(self.llm.ctx, -1)
         return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),))))
+
+    def window_logits(self, ids: list[int]) -> torch.Tensor:
+        # a second context that keeps every position's logits (the timed one keeps only the last, as servers do)
+        self.scoring = getattr(self, "scoring", None) or self._open_scoring()
+        self.scoring.reset()
+        self.scoring.eval(ids)
+        return torch.from_numpy(np.array(self.scoring.scores[: len(ids)]))
 
 
 class ExecuTorchRunner:
@@ -73,6 +93,9 @@ class ExecuTorchRunner:
         logits = self.forward.execute([torch.tensor([[token]]), torch.tensor([self.pos])])[0]
         self.pos += 1
         return int(logits[0, -1].argmax())
+
+    def window_logits(self, ids: list[int]) -> torch.Tensor:
+        return self.forward.execute([torch.tensor([ids]), torch.arange(len(ids))])[0][0]
 
 
 class TorchRunner:
@@ -98,6 +121,10 @@ class TorchRunner:
     def _next(self, ids: torch.Tensor) -> int:
         return int(self.model(ids, past_key_values=self.cache, use_cache=True).logits[0, -1].argmax())
 
+    @torch.no_grad()
+    def window_logits(self, ids: list[int]) -> torch.Tensor:
+        return self.model(torch.tensor([ids]), use_cache=False).logits[0]
+
 
 RUNNERS = {"gguf": LlamaCppRunner, "executorch": ExecuTorchRunner, "torch": TorchRunner}
 
@@ -122,16 +149,12 @@ def time_runner(runner, prompt: list[int], decode: int, runs: int) -> dict:
 
 
 def gguf_linear_bytes(path: Path) -> int:
-    import gguf
-
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name.split(".")[-2] in LINEAR_GGUF)
 
 
 def gguf_exact_linears(model, path: Path) -> tuple[int, int]:
     """How many int4 linear weights in the GGUF dequantize (gguf's own Q4_0 reader) to exactly torchao's dequantized
     weight with its scales rounded to fp16 (llama.cpp's q/k row order); and how many int4 linears the model has."""
-    import gguf
-
     from qatune.export import permute_for_llama_cpp
 
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
@@ -153,10 +176,11 @@ def gguf_exact_linears(model, path: Path) -> tuple[int, int]:
     return exact, total
 
 
-def build_artifacts(args, runtimes: list[str]) -> tuple[dict, list[list[int]], list, torch.nn.Module]:
+def build_artifacts(args, runtimes: list[str]) -> tuple:
     """Export what --work-dir lacks; returns {(runtime, kind): path}, the prompts, eager int4's greedy tokens and
-    logits for each, and the int4 model."""
+    logits for each, the int4 model, the perplexity windows and eager's top token at each of their positions."""
     from qatune.data import python_docs
+    from qatune.evaluation import gptq_windows
     from qatune.export import export_executorch, export_gguf
     from qatune.models import load_model, load_tokenizer
     from qatune.quantization import quantize_ptq_, resolve_quantizer
@@ -166,31 +190,45 @@ def build_artifacts(args, runtimes: list[str]) -> tuple[dict, list[list[int]], l
     tokenizer = load_tokenizer(args.float)
     docs = python_docs("validation")[: args.agree_prompts]
     prompts = [tokenizer(doc)["input_ids"][: args.prompt_len] for doc in docs]
+    held_out = "\n\n".join(python_docs("validation")[: args.ppl_docs])  # qatune.evaluation's gptq protocol
+    windows = gptq_windows(tokenizer(held_out, verbose=False)["input_ids"], args.ppl_seq_len)
     if args.int4:
         int4 = load_model(args.int4, device="cpu")
     else:
         int4 = quantize_ptq_(load_model(args.float, device="cpu"), resolve_quantizer({"scheme": "8da4w"}))
     eager = [eager_greedy(int4, prompt) for prompt in prompts]
+    with torch.no_grad():
+        eager_top = [int4(torch.tensor([inputs])).logits[0].argmax(-1) for inputs, _ in windows]
     paths, float_model = {}, None
-    plan = {
-        ("gguf", "int4 Q4_0"): (work / "model-q4_0.gguf", lambda m, p: export_gguf(m, tokenizer, p)),
-        ("gguf", "f16 twin"): (work / "model-f16.gguf", lambda m, p: export_gguf(m, tokenizer, p, allow_float=True)),
+    f32 = work / "model-f32.gguf"
+    plan = {  # (runtime, artifact): (file, the model it is made from, how)
+        ("gguf", "int4 Q4_0"): (work / "model-q4_0.gguf", "int4", lambda m, p: export_gguf(m, tokenizer, p)),
+        ("gguf", "f16 twin"): (
+            work / "model-f16.gguf", "float", lambda m, p: export_gguf(m, tokenizer, p, allow_float=True)
+        ),
         ("gguf", "f32 twin"): (
-            work / "model-f32.gguf", lambda m, p: export_gguf(m, tokenizer, p, embeddings="f32", allow_float=True)
+            f32, "float", lambda m, p: export_gguf(m, tokenizer, p, embeddings="f32", allow_float=True)
+        ),
+        ("gguf", "requant Q4_0"): (
+            work / "model-requant-q4_0.gguf", "int4", lambda m, p: requantized_by_llama_cpp(m, tokenizer, p)
+        ),
+        ("gguf", "PTQ Q4_0"): (
+            work / "model-ptq-q4_0.gguf", "float", lambda m, p: llama_cpp_q4_0(f32, p, lm_head_is_int4(int4))
         ),
         ("executorch", "int4 8da4w"): (
-            work / "model-8da4w.pte", lambda m, p: export_executorch(m, p, max_seq_len=args.n_ctx)
+            work / "model-8da4w.pte", "int4", lambda m, p: export_executorch(m, p, max_seq_len=args.n_ctx)
         ),
         ("executorch", "fp32 twin"): (
-            work / "model-fp32.pte", lambda m, p: export_executorch(m, p, max_seq_len=args.n_ctx, allow_float=True)
+            work / "model-fp32.pte", "float",
+            lambda m, p: export_executorch(m, p, max_seq_len=args.n_ctx, allow_float=True),
         ),
     }  # fmt: skip
-    for (runtime, kind), (path, export) in plan.items():
+    for (runtime, kind), (path, source, export) in plan.items():
         if runtime not in runtimes:
             continue
         if not path.is_file():
             start = time.perf_counter()
-            if kind.startswith("int4"):
+            if source == "int4":
                 export(int4, path)
             else:
                 float_model = float_model or load_model(args.float, dtype="fp32", device="cpu")
@@ -199,7 +237,79 @@ def build_artifacts(args, runtimes: list[str]) -> tuple[dict, list[list[int]], l
         paths[runtime, kind] = path
     if "torch" in runtimes and args.int4:
         paths["torch", "int4 8da4w"] = Path(args.int4)
-    return paths, prompts, eager, int4
+    return paths, prompts, eager, int4, windows, eager_top
+
+
+def llama_cpp_q4_0(source: Path, target: Path, output_q4_0: bool) -> Path:
+    """llama.cpp's own Q4_0 quantization of a float GGUF (`llama-quantize --pure --token-embedding-type f16
+    [--output-tensor-type f16] source target Q4_0`): every linear layer to Q4_0 with llama.cpp's rounding, the token
+    embedding f16 and the output layer Q4_0 or f16 as in qatune's file, so the two differ only in how the codes were
+    made."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.pure = True
+    params.token_embedding_type = int(gguf.GGMLQuantizationType.F16)
+    params.output_tensor_type = int(Q4_0 if output_q4_0 else gguf.GGMLQuantizationType.F16)
+    partial = target.with_name(target.name + ".partial")
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to Q4_0")
+    partial.replace(target)
+    return target
+
+
+def requantized_by_llama_cpp(int4: torch.nn.Module, tokenizer, target: Path) -> Path:
+    """The int4 model's own weights (dequantized, exact in f32) re-quantized by llama.cpp's Q4_0 rule: what a user
+    gets by converting the QAT checkpoint to a float GGUF and running llama-quantize on it."""
+    import copy
+
+    from qatune.export import export_gguf
+
+    model = copy.deepcopy(int4)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and hasattr(module.weight, "qdata"):
+            module.weight = torch.nn.Parameter(module.weight.dequantize(), requires_grad=False)
+    f32 = target.with_name(target.stem + "-f32.gguf")
+    export_gguf(model, tokenizer, f32, embeddings="f32", allow_float=True)
+    try:
+        return llama_cpp_q4_0(f32, target, output_q4_0=lm_head_is_int4(int4))
+    finally:
+        f32.unlink()
+
+
+def lm_head_is_int4(model: torch.nn.Module) -> bool:
+    return hasattr(model.get_output_embeddings().weight, "qdata")
+
+
+def changed_codes(ours: Path, theirs: Path) -> float:
+    """The fraction of Q4_0 codes (nibbles) that differ between two GGUF files of the same model."""
+
+    def q4_0(path: Path) -> dict[str, np.ndarray]:  # each block: fp16 scale, then 16 bytes of two codes each
+        tensors = gguf.GGUFReader(path).tensors
+        return {t.name: np.asarray(t.data).reshape(-1, 18)[:, 2:] for t in tensors if t.tensor_type == Q4_0}
+
+    a, b = q4_0(ours), q4_0(theirs)
+    if a.keys() != b.keys():
+        raise ValueError(f"{ours} and {theirs} hold different Q4_0 tensors")
+    diff = sum(int(((x ^ y) & 0x0F != 0).sum() + ((x ^ y) >> 4 != 0).sum()) for x, y in ((a[k], b[k]) for k in a))
+    return diff / sum(2 * x.size for x in a.values())
+
+
+def score_windows(runner, windows: list, eager_top: list[torch.Tensor]) -> tuple[float, float]:
+    """Token perplexity from the runtime's own logits over qatune.evaluation's gptq windows (the recipe's protocol),
+    and the fraction of those positions where the runtime's top token is eager torchao's."""
+    from qatune.evaluation import IGNORE
+
+    nll, count, same = 0.0, 0, 0
+    for (inputs, targets), top in zip(windows, eager_top, strict=True):
+        logits = runner.window_logits(inputs).float()
+        nll += F.cross_entropy(logits, torch.tensor(targets), ignore_index=IGNORE, reduction="sum").item()
+        count += sum(t != IGNORE for t in targets)
+        same += int((logits.argmax(-1) == top).sum())
+    return math.exp(nll / count), same / sum(len(inputs) for inputs, _ in windows)
 
 
 def eager_greedy(model, prompt: list[int], steps: int = 16) -> tuple[list[int], list[torch.Tensor]]:
@@ -241,17 +351,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-ctx", type=int, default=256, help="context / KV-cache length")
     parser.add_argument("--agree-prompts", type=int, default=8, help="prompts for the greedy-agreement check")
+    parser.add_argument("--ppl-docs", type=int, default=8, help="held-out docs for perplexity (the recipe's 8)")
+    parser.add_argument("--ppl-seq-len", type=int, default=128, help="perplexity window (the recipe's eval.seq_len)")
     args = parser.parse_args()
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     if bad := [r for r in runtimes if r not in RUNNERS]:
         parser.error(f"--runtimes {','.join(bad)}: choose from {', '.join(RUNNERS)}")
+    if args.ppl_seq_len > args.n_ctx:
+        parser.error(f"--ppl-seq-len {args.ppl_seq_len} is longer than --n-ctx {args.n_ctx}")
     torch.set_num_threads(args.threads)
 
-    paths, prompts, eager, int4 = build_artifacts(args, runtimes)
+    paths, prompts, eager, int4, windows, eager_top = build_artifacts(args, runtimes)
     prompt = prompts[0]
     if ("gguf", "int4 Q4_0") in paths:
         exact, total = gguf_exact_linears(int4, paths["gguf", "int4 Q4_0"])
         print(f"GGUF: {exact} of {total} int4 linear weights dequantize exactly to torchao's (fp16 scales)")
+        changed = changed_codes(paths["gguf", "int4 Q4_0"], paths["gguf", "requant Q4_0"])
+        print(f"llama.cpp's own Q4_0 rounding of the same weights changes {changed:.1%} of the int4 codes")
     rows, twins = [], {}
     for (runtime, kind), path in paths.items():
         runner = RUNNERS[runtime](path, args.threads, args.n_ctx)
@@ -260,6 +376,8 @@ def main() -> None:
         row = {"runtime": runtime, "artifact": kind, "file": path.name, "file_MiB": size / 2**20}
         row["linear_MiB"] = gguf_linear_bytes(path) / 2**20 if runtime == "gguf" else None
         row |= {k: result[k] for k in ("prefill_tok_s", "decode_tok_s")}
+        row["ppl"], row["top1_%"] = score_windows(runner, windows, eager_top)
+        row["top1_%"] *= 100
         same, tie = agreement(runner, prompts, eager)
         row["agree"], row["tie"] = f"{same}/{len(prompts)}", tie
         rows.append(row)
@@ -269,16 +387,19 @@ def main() -> None:
     lines = []
     for runtime, group in twins.items():
         int4 = next(r for r in group if r["artifact"].startswith("int4"))
-        for twin in (r for r in group if r is not int4):
+        for twin in (r for r in group if r["artifact"].endswith("twin")):
             size = (int4["linear_MiB"] or int4["file_MiB"]) / (twin["linear_MiB"] or twin["file_MiB"])
             speed = int4["decode_tok_s"] / twin["decode_tok_s"]
             lines.append(f"{runtime}: int4 vs {twin['artifact']}: decode {speed:.2f}x faster, size {size:.3f}x")
-    headers = ["runtime", "artifact", "file", "file_MiB", "linear_MiB", "prefill_tok_s", "decode_tok_s", "agree", "tie"]
+    headers = ["runtime", "artifact", "file", "file_MiB", "linear_MiB", "prefill_tok_s", "decode_tok_s", "ppl"]
+    headers += ["top1_%", "agree", "tie"]
     cell = {float: lambda v: f"{v:.2f}" if v < 10 else f"{v:.1f}", type(None): lambda v: "-"}
-    table = [[cell.get(type(r[h]), str)(r[h]) for h in headers] for r in rows]
+    cell |= {"ppl": lambda v: f"{v:.2f}"}
+    table = [[cell.get(h, cell.get(type(r[h]), str))(r[h]) for h in headers] for r in rows]
     print("\n".join(markdown_table(headers, table)))
     print(f"prompt {len(prompt)} tokens, decode {args.decode}, median of {args.runs} runs, {args.threads} threads;"
-          f" agree: 16 greedy tokens on {len(prompts)} prompts")  # fmt: skip
+          f" ppl: {len(windows)} windows of {args.ppl_seq_len} held-out tokens; agree: 16 greedy tokens on"
+          f" {len(prompts)} prompts")  # fmt: skip
     print("\n".join(lines))
 
 

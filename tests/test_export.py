@@ -217,6 +217,41 @@ def test_float_twin_reads_back_as_the_float_model(tmp_path, tiny_tokenizer):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_llama_cpp_runs_the_gguf_as_the_int4_model(tmp_path, tiny_tokenizer):
+    """llama.cpp itself loads the file, tokenizes like the Hugging Face tokenizer, and computes the int4 model's
+    logits; the float twin gives the float model's."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="needs the llama-cpp extra")
+
+    def llama_cpp_logits(path, ids: list[int]) -> torch.Tensor:
+        llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids  # the file's own tokenizer
+        llm.eval(ids)
+        return torch.from_numpy(np.array(llm.scores[: len(ids)]))
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    text = "def f(x):\n    return x * 2  # <|im_end|>"
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    model = int4_model()
+    export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", embeddings="f32")
+    reference = make_tiny_llama()  # the float model holding the int4 values (fp16 scales) llama.cpp multiplies by
+    with torch.no_grad():
+        for name, w in linear_weights(model).items():
+            reference.get_parameter(name).copy_(w.qdata.float() * w.scale.half().float().repeat_interleave(32, dim=1))
+        eager, exact = model(torch.tensor([ids])).logits[0], reference(torch.tensor([ids])).logits[0]
+    got = llama_cpp_logits(tmp_path / "m.gguf", ids)
+    # llama.cpp rounds activations to Q8_0 blocks, torchao to per-token int8: each is within ~1% of the exact product
+    assert rel(got, exact) < 0.02 and rel(eager, exact) < 0.02
+
+    float_model = make_tiny_llama()
+    export_gguf(float_model, tiny_tokenizer, tmp_path / "f32.gguf", embeddings="f32", allow_float=True)
+    with torch.no_grad():
+        float_logits = float_model(torch.tensor([ids])).logits[0]
+    assert rel(llama_cpp_logits(tmp_path / "f32.gguf", ids), float_logits) < 1e-3  # llama.cpp's KV cache is f16
+    assert rel(float_logits, exact) > 5 * rel(got, exact)  # what the int4 file runs is the int4 model, not the float
+
+
 def test_float_model_and_bad_options_are_refused(tmp_path, tiny_tokenizer):
     with pytest.raises(ValueError, match="no int4 weights"):
         export_gguf(make_tiny_llama(), tiny_tokenizer, tmp_path / "m.gguf")
