@@ -46,11 +46,11 @@ class LlamaCppRunner:
     def __init__(self, path: Path, threads: int, n_ctx: int):
         from llama_cpp import Llama, llama_get_logits_ith
 
-        self.llm = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         verbose=False)  # fmt: skip
+        self._open = lambda **kw: Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
+                                        n_threads_batch=threads, verbose=False, **kw)  # fmt: skip
+        self.llm = self._open()
+        self.scoring = None  # opened on first use by window_logits
         self._logits = llama_get_logits_ith
-        self._open_scoring = lambda: Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
-                                           n_threads_batch=threads, logits_all=True, verbose=False)  # fmt: skip
 
     def prefill(self, ids: list[int]) -> int:
         self.llm.reset()
@@ -67,7 +67,7 @@ class LlamaCppRunner:
 
     def window_logits(self, ids: list[int]) -> torch.Tensor:
         # a second context that keeps every position's logits (the timed one keeps only the last, as servers do)
-        self.scoring = getattr(self, "scoring", None) or self._open_scoring()
+        self.scoring = self.scoring or self._open(logits_all=True)
         self.scoring.reset()
         self.scoring.eval(ids)
         return torch.from_numpy(np.array(self.scoring.scores[: len(ids)]))
@@ -188,9 +188,9 @@ def build_artifacts(args, runtimes: list[str]) -> tuple:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(args.float)
-    docs = python_docs("validation")[: args.agree_prompts]
-    prompts = [tokenizer(doc)["input_ids"][: args.prompt_len] for doc in docs]
-    held_out = "\n\n".join(python_docs("validation")[: args.ppl_docs])  # qatune.evaluation's gptq protocol
+    docs = python_docs("validation")
+    prompts = [tokenizer(doc)["input_ids"][: args.prompt_len] for doc in docs[: args.agree_prompts]]
+    held_out = "\n\n".join(docs[: args.ppl_docs])  # qatune.evaluation's gptq protocol
     windows = gptq_windows(tokenizer(held_out, verbose=False)["input_ids"], args.ppl_seq_len)
     if args.int4:
         int4 = load_model(args.int4, device="cpu")
@@ -376,8 +376,8 @@ def main() -> None:
         row = {"runtime": runtime, "artifact": kind, "file": path.name, "file_MiB": size / 2**20}
         row["linear_MiB"] = gguf_linear_bytes(path) / 2**20 if runtime == "gguf" else None
         row |= {k: result[k] for k in ("prefill_tok_s", "decode_tok_s")}
-        row["ppl"], row["top1_%"] = score_windows(runner, windows, eager_top)
-        row["top1_%"] *= 100
+        row["ppl"], top1 = score_windows(runner, windows, eager_top)
+        row["top1_%"] = 100 * top1
         same, tie = agreement(runner, prompts, eager)
         row["agree"], row["tie"] = f"{same}/{len(prompts)}", tie
         rows.append(row)
@@ -394,8 +394,8 @@ def main() -> None:
     headers = ["runtime", "artifact", "file", "file_MiB", "linear_MiB", "prefill_tok_s", "decode_tok_s", "ppl"]
     headers += ["top1_%", "agree", "tie"]
     cell = {float: lambda v: f"{v:.2f}" if v < 10 else f"{v:.1f}", type(None): lambda v: "-"}
-    cell |= {"ppl": lambda v: f"{v:.2f}"}
-    table = [[cell.get(h, cell.get(type(r[h]), str))(r[h]) for h in headers] for r in rows]
+    column = {"ppl": lambda v: f"{v:.2f}"}  # perplexities differ in the second decimal
+    table = [[column.get(h, cell.get(type(r[h]), str))(r[h]) for h in headers] for r in rows]
     print("\n".join(markdown_table(headers, table)))
     print(f"prompt {len(prompt)} tokens, decode {args.decode}, median of {args.runs} runs, {args.threads} threads;"
           f" ppl: {len(windows)} windows of {args.ppl_seq_len} held-out tokens; agree: 16 greedy tokens on"

@@ -59,6 +59,16 @@ def linear_weights(model: nn.Module) -> dict[str, IntxUnpackedToInt8Tensor]:
     }
 
 
+def fp16_scale_twin(model: nn.Module) -> nn.Module:
+    """A float tiny Llama holding the int4 model's values with fp16 scales: what llama.cpp multiplies by."""
+    twin = make_tiny_llama()
+    with torch.no_grad():
+        for name, w in linear_weights(model).items():
+            scale16 = w.scale.half().float().repeat_interleave(w.block_size[1], dim=1)
+            twin.get_parameter(name).copy_(w.qdata.float() * scale16)
+    return twin
+
+
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_q4_0_blocks_hold_torchao_codes_and_scales_exactly(tmp_path, tiny_tokenizer, group_size):
     model = int4_model(group_size)
@@ -131,11 +141,7 @@ def test_transformers_reads_the_gguf_as_the_int4_model(tmp_path, tiny_tokenizer)
     model = int4_model(64)
     export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", embeddings="f32")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
-    reference = make_tiny_llama()  # float twin holding the int4 values (fp16 scales) that llama.cpp will multiply by
-    with torch.no_grad():
-        for name, w in linear_weights(model).items():
-            scale16 = w.scale.half().float().repeat_interleave(64, dim=1)
-            reference.get_parameter(name).copy_(w.qdata.float() * scale16)
+    reference = fp16_scale_twin(model)
     ids = torch.tensor([tiny_tokenizer("def f(x):\n    return x * 2")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
@@ -235,10 +241,8 @@ def test_llama_cpp_runs_the_gguf_as_the_int4_model(tmp_path, tiny_tokenizer):
     ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
     model = int4_model()
     export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", embeddings="f32")
-    reference = make_tiny_llama()  # the float model holding the int4 values (fp16 scales) llama.cpp multiplies by
+    reference = fp16_scale_twin(model)
     with torch.no_grad():
-        for name, w in linear_weights(model).items():
-            reference.get_parameter(name).copy_(w.qdata.float() * w.scale.half().float().repeat_interleave(32, dim=1))
         eager, exact = model(torch.tensor([ids])).logits[0], reference(torch.tensor([ids])).logits[0]
     got = llama_cpp_logits(tmp_path / "m.gguf", ids)
     # llama.cpp rounds activations to Q8_0 blocks, torchao to per-token int8: each is within ~1% of the exact product
