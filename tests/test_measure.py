@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import make_tiny_llama
 from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup, quantize_
 
-from qatune.measure import _peak_rss_sampled, measure_model, model_size, peak_memory, throughput
+from qatune import measure
+from qatune.measure import measure_model, model_size, peak_memory, throughput
 
 
 def ptq_8da4w(model: torch.nn.Module, group_size: int = 32) -> torch.nn.Module:
@@ -106,7 +109,7 @@ def test_peak_memory_sees_a_temporary_allocation():
     assert after_peak < peak - 100 * 2**20
 
 
-def test_peak_rss_sampled_fallback_sees_an_allocation():
+def test_peak_rss_sampled_fallback_sees_an_allocation(monkeypatch):
     import time
 
     def hold():
@@ -114,10 +117,38 @@ def test_peak_rss_sampled_fallback_sees_an_allocation():
         time.sleep(0.05)  # the sampler runs every millisecond
         return t.numel()
 
-    _, small = _peak_rss_sampled(lambda: _allocate(1), 0.001)
-    result, peak = _peak_rss_sampled(hold, 0.001)
+    monkeypatch.setattr(measure, "_reset_vm_hwm", lambda: False)  # as where /proc/self/clear_refs is missing
+    _, small = peak_memory(lambda: _allocate(1))
+    result, peak = peak_memory(hold)
     assert result == 128 * 2**18
     assert peak - small > 120 * 2**20
+
+
+# Run in a fresh interpreter with mmap off, so every tensor comes from glibc's heap: a freed 256 MiB tensor
+# below a live one stays resident, and a new 128 MiB tensor reuses its pages. This is what made CI's
+# long-lived test process read a 0-byte peak for a 128 MiB tensor.
+_RESIDENT_FREED_HEAP = """
+import psutil, torch
+from qatune.measure import peak_memory
+rss = psutil.Process().memory_info().rss
+freed = torch.ones(256 * 2**18)
+pin = torch.ones(2**20)  # allocated above `freed`, so freeing `freed` cannot shrink the heap
+del freed
+resident = psutil.Process().memory_info().rss - rss
+_, small = peak_memory(lambda: torch.ones(2**18).numel())
+_, big = peak_memory(lambda: torch.ones(128 * 2**18).numel())
+print(resident, big - small)
+"""
+
+
+def test_peak_memory_counts_pages_a_freed_tensor_left_resident():
+    env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", _RESIDENT_FREED_HEAP], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    resident, seen = (int(x) for x in out.split())
+    assert resident > 250 * 2**20  # the trap is set: the freed tensor's pages are still counted in RSS
+    assert seen > 120 * 2**20  # and the new 128 MiB tensor still shows in the peak
 
 
 def test_throughput_returns_positive_speeds_and_run_count(tiny_tokenizer):
