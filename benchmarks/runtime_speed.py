@@ -119,7 +119,7 @@ class TorchRunner:
         return self._next(torch.tensor([[token]]))
 
     def _next(self, ids: torch.Tensor) -> int:
-        return int(self.model(ids, past_key_values=self.cache, use_cache=True).logits[0, -1].argmax())
+        return int(self.model(ids, cache=self.cache, use_cache=True).logits[0, -1].argmax())
 
     @torch.no_grad()
     def window_logits(self, ids: list[int]) -> torch.Tensor:

@@ -151,6 +151,8 @@ def test_peak_memory_counts_pages_a_freed_tensor_left_resident():
     assert seen > 120 * 2**20  # and the new 128 MiB tensor still shows in the peak
 
 
+# transformers 5.24 renamed `past_key_values` to `cache` and drops the old name in 5.40: fail on the warning now.
+@pytest.mark.filterwarnings("error::FutureWarning")
 def test_throughput_returns_positive_speeds_and_run_count(tiny_tokenizer):
     model = make_tiny_llama()
     speed = throughput(model, tiny_tokenizer, prompt_len=16, decode_tokens=4, runs=5, warmup=1)

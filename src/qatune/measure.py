@@ -264,11 +264,11 @@ def _one_run(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, timer: 
     timer.start()
     out = model(input_ids=prompt, use_cache=True)
     prefill_s = timer.stop()
-    cache, next_id = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, next_id = out.cache, out.logits[:, -1:].argmax(-1)
     timer.start()
     for _ in range(decode_tokens):
-        out = model(input_ids=next_id, past_key_values=cache, use_cache=True)
-        cache, next_id = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=next_id, cache=cache, use_cache=True)
+        cache, next_id = out.cache, out.logits[:, -1:].argmax(-1)
     decode_s = timer.stop()
     return prefill_s, decode_s
 
