@@ -36,18 +36,15 @@ def own_weights(model) -> None:
     pages are resident and stay mapped while any float weight (the embedding) is still a view into it:
     ~400 MB of fp32 residue in RSS for SmolLM2-135M. A deployed int4 model holds none of it.
     """
-    import ctypes
-
     import torch
+
+    from qatune.device import release_free_heap
 
     for p in model.parameters():
         if type(p) is torch.nn.Parameter and p.device.type == "cpu":
             p.data = p.data.clone()
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages resident otherwise
-    except (OSError, AttributeError):
-        pass
+    release_free_heap()
 
 
 def measure_one(args: argparse.Namespace) -> dict:

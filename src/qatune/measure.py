@@ -10,9 +10,8 @@ Peak memory. CUDA: `reset_peak_memory_stats` + `max_memory_allocated`. CPU: the 
 the call. Linux lets a process reset its own RSS high-water mark (`echo 5 > /proc/self/clear_refs`, read
 back as VmHWM in /proc/self/status), which is exact and costs nothing; `ru_maxrss` cannot be reset, so
 elsewhere we fall back to sampling RSS with psutil in a thread every millisecond (may miss short spikes).
-Before either, glibc's `malloc_trim(0)` hands freed heap pages back to the OS: otherwise a new tensor can
-land on pages an earlier, freed one left resident and the peak never moves (seen in CI: a 128 MiB tensor
-moved RSS by 0 bytes after 250 tests had run in the process).
+Before either, freed heap pages go back to the OS (`qatune.device.release_free_heap`): otherwise a new
+tensor can land on pages a freed one left resident, and the peak never moves.
 Either way it is the whole process: weights, activations, and anything else alive in it. Compare models
 by peak memory only when each is measured in its own fresh process (benchmarks/memory_throughput.py).
 
@@ -23,11 +22,8 @@ with events after a synchronize, the CPU with `time.perf_counter`.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import re
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +32,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from qatune.device import release_free_heap
 
 # ---------------------------------------------------------------------------------------------- size
 
@@ -146,20 +144,6 @@ def _reset_vm_hwm() -> bool:
         return False
 
 
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc has it; musl does not
-
-
-def _release_free_heap() -> None:
-    """Return freed heap memory to the OS, so that RSS counts only memory in use (glibc; a no-op elsewhere)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
 def current_memory(device: torch.device | str = "cpu") -> int:
     """Bytes in use now: CUDA memory allocated by torch, or this process's RSS."""
     device = torch.device(device)
@@ -167,7 +151,7 @@ def current_memory(device: torch.device | str = "cpu") -> int:
         return torch.cuda.memory_allocated(device)
     import psutil  # an accelerate dependency
 
-    _release_free_heap()
+    release_free_heap()
     return psutil.Process().memory_info().rss
 
 
@@ -185,7 +169,7 @@ def peak_memory(
         result = fn()
         torch.cuda.synchronize(device)
         return result, torch.cuda.max_memory_allocated(device)
-    _release_free_heap()
+    release_free_heap()
     if _STATUS.exists() and _reset_vm_hwm():
         result = fn()
         return result, _vm_hwm()
