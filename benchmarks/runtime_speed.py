@@ -267,11 +267,12 @@ def requantized_by_llama_cpp(int4: torch.nn.Module, tokenizer, target: Path) -> 
     import copy
 
     from qatune.export import export_gguf
+    from qatune.quantization import quantized_linear_names
 
     model = copy.deepcopy(int4)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and hasattr(module.weight, "qdata"):
-            module.weight = torch.nn.Parameter(module.weight.dequantize(), requires_grad=False)
+    for name in quantized_linear_names(model):
+        module = model.get_submodule(name)
+        module.weight = torch.nn.Parameter(module.weight.dequantize(), requires_grad=False)
     f32 = target.with_name(target.stem + "-f32.gguf")
     export_gguf(model, tokenizer, f32, embeddings="f32", allow_float=True)
     try:
@@ -281,7 +282,9 @@ def requantized_by_llama_cpp(int4: torch.nn.Module, tokenizer, target: Path) -> 
 
 
 def lm_head_is_int4(model: torch.nn.Module) -> bool:
-    return hasattr(model.get_output_embeddings().weight, "qdata")
+    from qatune.quantization import quantized_linear_names
+
+    return any(model.get_submodule(name) is model.get_output_embeddings() for name in quantized_linear_names(model))
 
 
 def changed_codes(ours: Path, theirs: Path) -> float:

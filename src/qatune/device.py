@@ -54,7 +54,6 @@ def release_free_heap() -> None:
 def _glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018 - both exist in glibc only (not musl, macOS, Windows)
-    except (OSError, AttributeError):
+    except OSError:
         return None
-    return libc
+    return libc if hasattr(libc, "malloc_trim") else None  # glibc only (not musl)
