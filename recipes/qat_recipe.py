@@ -5,7 +5,7 @@
 
 Flow: load -> measure the float baseline and its PTQ -> insert fake quantization -> fine-tune -> convert to real int4
 -> evaluate -> save `output_dir/int4` (a Hugging Face + torchao checkpoint) and the report (report.json/.md/.png)
--> optionally export the same int4 codes for llama.cpp (GGUF) and ExecuTorch (`export.formats`).
+-> optionally export the same int4 codes for llama.cpp (GGUF), ExecuTorch and vLLM (`export.formats`).
 With `compare.finetune_baseline=true` the same fine-tuning also runs without fake quantization and is then PTQ'd:
 the fair comparison (what QAT buys over "fine-tune, then quantize").
 """
@@ -59,9 +59,10 @@ class CompareConfig:
 
 @dataclass
 class ExportConfig:
-    formats: list[str] = field(default_factory=lambda: ["hf"])  # hf (output_dir/int4, always) | gguf | executorch
+    formats: list[str] = field(default_factory=lambda: ["hf"])  # hf (int4/, always) | gguf | executorch | vllm
     embeddings: str = "f16"  # gguf: f16 | q8_0 | f32 for the token embedding and any linear kept float
     max_seq_len: int = 2048  # executorch: KV-cache length
+    vllm_scheme: str = "w4a16"  # vllm: w4a16 | w4a8 (8da4w only: int8 dynamic activations)
 
 
 @dataclass
@@ -88,7 +89,8 @@ def check_config(cfg: DictConfig) -> None:
     q = resolve_quantizer(cfg.quantizer)
     check_dataset_config(cfg.dataset)
     check_dataset_config(cfg.eval_dataset)
-    check_export_formats(list(cfg.export.formats), cfg.export.embeddings, q.scheme)
+    e = cfg.export
+    check_export_formats(list(e.formats), e.embeddings, q.scheme, q.group_size, e.vllm_scheme)
     if not 0 <= cfg.self_distillation <= 1:
         raise ValueError(f"self_distillation={cfg.self_distillation}: choose a weight in [0, 1] (0 = off)")
 
@@ -189,7 +191,10 @@ def main(cfg: DictConfig) -> dict:
         print(f"int4 checkpoint: {out / 'int4'}   report: {out / 'report.md'}")
         e = cfg.export
         for fmt in [f for f in dict.fromkeys(e.formats) if f != "hf"]:
-            path = export_model(model.cpu(), tokenizer, fmt, out, embeddings=e.embeddings, max_seq_len=e.max_seq_len)
+            path = export_model(
+                model.cpu(), tokenizer, fmt, out,
+                embeddings=e.embeddings, max_seq_len=e.max_seq_len, vllm_scheme=e.vllm_scheme,
+            )  # fmt: skip
             print(f"{fmt}: {path}")
     accelerator.wait_for_everyone()
     return report

@@ -361,6 +361,24 @@ def _mark_quantized(model: nn.Module, q: QuantScheme) -> None:
     model.hf_quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=True)
 
 
+def refuse_fake_quantized(model: nn.Module) -> None:
+    from torchao.quantization.qat import FakeQuantizedLinear
+
+    if any(isinstance(m, FakeQuantizedLinear) for m in model.modules()):
+        raise ValueError("model is still fake-quantized (QAT prepare); convert it first: convert_to_int4(model, q)")
+
+
+def quantized_scheme(model: nn.Module) -> str | None:
+    """The torchao scheme of the model's linear weights ("8da4w", "4w", "8da8w", ...), or None for a float model."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and isinstance(m.weight, IntxUnpackedToInt8Tensor):
+            bits = str(m.weight.target_dtype).removeprefix("torch.int")
+            return f"8da{bits}w" if m.weight.activation_quantization is not None else f"{bits}w"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints
 

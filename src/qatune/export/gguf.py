@@ -1,10 +1,9 @@
-"""Int4 checkpoints that runtimes serve, without re-quantizing: GGUF (llama.cpp) and ExecuTorch (.pte).
+"""GGUF for llama.cpp: Q4_0 blocks that hold the converted model's int4 codes and scales exactly.
 
 Re-quantizing a QAT model on the way to a runtime throws away the grid it was trained on: llama.cpp's own Q4_0 rule
 picks different scales and changes about half of the int4 codes. So `export_gguf` copies torchao's int4 codes and
 per-group scales into Q4_0 blocks as they are (nibble = q + 8, fp16 scale; a group of 64..256 becomes 2..8 blocks of 32
-sharing its scale), and refuses anything that has no exact Q4_0 form. `export_executorch` lowers the same torchao
-8da4w model to XNNPACK, whose kernels run the int4 weights and the int8 dynamic activations natively.
+sharing its scale), and refuses anything that has no exact Q4_0 form.
 """
 
 from __future__ import annotations
@@ -20,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from qatune.files import atomic_file, atomic_write_bytes
+from qatune.files import atomic_file
+from qatune.quantization import quantized_scheme, refuse_fake_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,6 @@ FLOAT_TYPES = {
     "f16": gguf.GGMLQuantizationType.F16,
     "q8_0": gguf.GGMLQuantizationType.Q8_0,
 }
-EXPORT_FORMATS = ("hf", "gguf", "executorch")  # hf: the Hugging Face + torchao directory (output_dir/int4)
 Q4_0_BLOCK = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_0][0]  # 32 weights per block
 
 # llama.cpp picks its pre-tokenizer (the regex that splits text before BPE) by name. convert_hf_to_gguf.py finds the
@@ -80,13 +79,6 @@ def _int4_parts(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Te
     if scale.abs().max() > torch.finfo(torch.float16).max:
         raise ValueError(f"{name}: a group scale exceeds float16's range, so Q4_0 cannot hold it")
     return weight.qdata, scale
-
-
-def _refuse_fake_quantized(model: nn.Module) -> None:
-    from torchao.quantization.qat import FakeQuantizedLinear
-
-    if any(isinstance(m, FakeQuantizedLinear) for m in model.modules()):
-        raise ValueError("model is still fake-quantized (QAT prepare); convert it first: convert_to_int4(model, q)")
 
 
 def pack_q4_0(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
@@ -228,7 +220,7 @@ def export_gguf(
     config = model.config
     if config.model_type != "llama" or type(model).__name__ != "LlamaForCausalLM":
         raise ValueError(f"GGUF export supports LlamaForCausalLM models; got {type(model).__name__}")
-    _refuse_fake_quantized(model)
+    refuse_fake_quantized(model)
     float_type = FLOAT_TYPES[embeddings]
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
 
@@ -288,171 +280,3 @@ def export_gguf(
         writer.close()
     logger.info("wrote %s (%d int4 tensors as Q4_0)", path, n_int4)
     return path
-
-
-def _executorch_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """Attention of an exported program: ExecuTorch's LLM kernels write the new keys/values into this layer's cache in
-    place (`llama::update_cache`) and attend over it causally from `start_pos` (`llama::custom_sdpa`, which reads the
-    grouped key/value heads as they are). Transformers' own path would build a mask and repeat the key/value heads
-    over the whole cache and copy the cache every step, on portable kernels: most of a decode step's time."""
-    start_pos = kwargs["position_ids"][0, 0].item()
-    torch._check(start_pos >= 0)
-    torch._check(start_pos < module.et_k_cache.size(1))
-    # [batch, heads, seq, head_dim] -> the kernels' [batch, seq, heads, head_dim]
-    torch.ops.llama.update_cache(key.transpose(1, 2), module.et_k_cache, start_pos)
-    torch.ops.llama.update_cache(value.transpose(1, 2), module.et_v_cache, start_pos)
-    out = torch.ops.llama.custom_sdpa(
-        query.transpose(1, 2), module.et_k_cache, module.et_v_cache, start_pos, None, 0.0, True, scaling
-    )
-    return out, None
-
-
-class _ExecuTorchDecoder(nn.Module):
-    """forward(input_ids [1, n], cache_position [n]) -> logits [1, n, vocab]; the KV cache lives in buffers
-    `et_k_cache` / `et_v_cache` [1, max_seq_len, kv_heads, head_dim] of every attention module."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, position_ids=cache_position.unsqueeze(0), use_cache=False).logits
-
-
-def export_executorch(
-    model: nn.Module, path: str | os.PathLike, *, max_seq_len: int = 2048, allow_float: bool = False
-) -> Path:
-    """Lower a torchao 8da4w model with a static KV cache to an XNNPACK ExecuTorch program (`.pte`).
-
-    The program's `forward(input_ids [1, n], cache_position [n]) -> logits [1, n, vocab]` takes the prompt in one
-    call (n up to max_seq_len - 1) and then one token at a time; `generate_pte` runs it. Linear layers run in XNNPACK,
-    attention and the cache update in ExecuTorch's LLM kernels (`llama::custom_sdpa`, `llama::update_cache`), as its
-    own Llama export does: a runtime must link those kernels (ExecuTorch's LLM runner does; from Python, import
-    `executorch.extension.llm.custom_ops.custom_ops` first, as `generate_pte` does). Needs the `executorch` extra.
-    XNNPACK keeps group scales in bf16: the program matches torchao eager exactly only when the scales are
-    bf16-representable (else ~1-2% logit drift). Lowering SmolLM2-135M takes ~6.5 min on 2 CPU cores.
-    `allow_float=True` also lowers a float model (XNNPACK fp32): the twin that benchmarks compare with.
-    """
-    try:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
-        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers the llama:: kernels)
-    except ImportError:
-        raise ImportError("ExecuTorch export needs the executorch extra: pip install 'qatune[executorch]'") from None
-    from transformers import AttentionInterface
-
-    _refuse_fake_quantized(model)
-    if quantized_scheme(model) is None and not allow_float:
-        raise ValueError("model has no quantized weights: convert it (convert_to_int4) or quantize_ptq_ it first")
-    config = model.config
-    if max_seq_len < 2 or max_seq_len > config.max_position_embeddings:
-        raise ValueError(f"max_seq_len={max_seq_len}: choose 2..{config.max_position_embeddings}")
-    if (window := getattr(config, "sliding_window", None)) and window < max_seq_len:
-        raise ValueError(f"sliding_window={window}: the .pte attends to its whole cache; use max_seq_len<={window}")
-    model.eval().requires_grad_(False)  # loaded int4 weights may say requires_grad; export cannot unwrap those
-    AttentionInterface.register("qatune_executorch", _executorch_attention)
-    attention_before = config._attn_implementation
-    attentions = [layer.self_attn for layer in model.model.layers]
-    dtype = model.get_input_embeddings().weight.dtype
-    for attn in attentions:
-        shape = (1, max_seq_len, config.num_key_value_heads, attn.head_dim)
-        attn.register_buffer("et_k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        attn.register_buffer("et_v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-    seq_len = torch.export.Dim("seq_len", min=1, max=max_seq_len - 1)
-    try:
-        model.set_attn_implementation("qatune_executorch")
-        with torch.no_grad():
-            # strict=True: a non-strict graph fails in XNNPACK lowering ("expected compiled_fn to be GraphModule")
-            exported = torch.export.export(
-                _ExecuTorchDecoder(model),
-                (torch.zeros(1, 2, dtype=torch.long), torch.arange(2)),
-                dynamic_shapes={"input_ids": {1: seq_len}, "cache_position": {0: seq_len}},
-                strict=True,
-            )
-    finally:  # the caller's model is left as it was
-        model.set_attn_implementation(attention_before)
-        for attn in attentions:
-            del attn.et_k_cache, attn.et_v_cache
-    # RMSNorm's mean stays on a portable kernel, which the IR validity check would reject.
-    edge = to_edge_transform_and_lower(
-        exported, partitioner=[XnnpackPartitioner()], compile_config=EdgeCompileConfig(_check_ir_validity=False)
-    )
-    program = edge.to_executorch()
-    return atomic_write_bytes(path, program.buffer)
-
-
-def generate_pte(path: str | os.PathLike, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy decoding with an exported `.pte`: one prefill call, then one call per new token (its KV cache)."""
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (the program calls llama:: kernels)
-    from executorch.runtime import Runtime
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no ExecuTorch program at {str(path)!r}")
-    if not prompt_ids:
-        raise ValueError("prompt_ids is empty: give at least one token id")
-    forward = Runtime.get().load_program(path).load_method("forward")
-    ids = torch.tensor([prompt_ids], dtype=torch.long)
-    logits = forward.execute([ids, torch.arange(len(prompt_ids))])[0]
-    out = []
-    for step in range(max_new_tokens):
-        out.append(int(logits[0, -1].argmax()))
-        if step + 1 < max_new_tokens:
-            pos = len(prompt_ids) + step
-            logits = forward.execute([torch.tensor([[out[-1]]]), torch.tensor([pos])])[0]
-    return out
-
-
-def check_export_formats(
-    formats: list[str] | tuple[str, ...], embeddings: str = "f16", scheme: str | None = None
-) -> None:
-    """One-line errors for a bad `format` / `export.formats` / `embeddings` (and a quantizer `scheme` GGUF cannot
-    hold) before any weights are loaded."""
-    import importlib.util
-
-    if embeddings not in FLOAT_TYPES:
-        raise ValueError(f"embeddings={embeddings!r}: choose one of {', '.join(FLOAT_TYPES)}")
-    for fmt in formats:
-        if fmt not in EXPORT_FORMATS:
-            raise ValueError(f"format={fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
-    if "gguf" in formats and scheme is not None and scheme not in ("8da4w", "4w"):
-        raise ValueError(f"format gguf: quantizer scheme {scheme} has no Q4_0 form; use 8da4w or 4w")
-    if "executorch" in formats and importlib.util.find_spec("executorch") is None:
-        raise ValueError("export format executorch needs the executorch extra: pip install 'qatune[executorch]'")
-
-
-def export_model(
-    model: nn.Module,
-    tokenizer,
-    fmt: str,
-    output_dir: str | os.PathLike,
-    *,
-    embeddings: str = "f16",
-    max_seq_len: int = 2048,
-) -> Path:
-    """Write a converted int4 model in one runtime's format into `output_dir`; returns the file or directory.
-
-    hf -> output_dir/int4 (transformers + torchao), gguf -> output_dir/model-q4_0.gguf (llama.cpp),
-    executorch -> output_dir/model-<scheme>.pte (XNNPACK). The int4 codes are copied, never re-quantized.
-    """
-    check_export_formats([fmt])
-    out = Path(output_dir)
-    if fmt == "gguf":
-        return export_gguf(model, tokenizer, out / "model-q4_0.gguf", embeddings=embeddings)
-    if fmt == "executorch":
-        return export_executorch(model, out / f"model-{quantized_scheme(model)}.pte", max_seq_len=max_seq_len)
-    from qatune.quantization import save_quantized
-
-    save_quantized(model, tokenizer, out / "int4")
-    return out / "int4"
-
-
-def quantized_scheme(model: nn.Module) -> str | None:
-    """The torchao scheme of the model's linear weights ("8da4w", "4w", "8da8w", ...), or None for a float model."""
-    from torchao.quantization import IntxUnpackedToInt8Tensor
-
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and isinstance(m.weight, IntxUnpackedToInt8Tensor):
-            bits = str(m.weight.target_dtype).removeprefix("torch.int")
-            return f"8da{bits}w" if m.weight.activation_quantization is not None else f"{bits}w"
-    return None
