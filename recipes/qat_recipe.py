@@ -23,9 +23,9 @@ from transformers import AutoModelForCausalLM
 
 from qatune.data import DatasetConfig, build_dataset, check_dataset_config, load_texts
 from qatune.device import resolve_device
-from qatune.evaluation import perplexity
+from qatune.evaluation import perplexity, text_windows
 from qatune.export import check_export_formats, export_model
-from qatune.measure import measure_model
+from qatune.measure import measure_model, speed_prompt
 from qatune.models import ModelConfig, load_model, load_tokenizer
 from qatune.quantization import (
     convert_to_int4,
@@ -38,6 +38,7 @@ from qatune.quantization import (
 )
 from qatune.report import format_table, recovery, write_report
 from qatune.training import DistributedConfig, TrainConfig, make_accelerator, train
+from qatune.vllm_server import find_vllm, measure_served
 
 
 @dataclass
@@ -93,6 +94,17 @@ def check_config(cfg: DictConfig) -> None:
     check_export_formats(list(e.formats), e.embeddings, q.scheme, q.group_size, e.vllm_scheme)
     if not 0 <= cfg.self_distillation <= 1:
         raise ValueError(f"self_distillation={cfg.self_distillation}: choose a weight in [0, 1] (0 = off)")
+
+
+def serve_and_measure(vllm_dir: Path, tokenizer, eval_texts: list[str], e: DictConfig) -> dict:
+    """`vllm serve` of the export on 127.0.0.1: perplexity on the eval windows and batch-1 speed, as a client sees."""
+    windows = text_windows(tokenizer, eval_texts, e.seq_len, e.protocol)
+    prompt = speed_prompt(tokenizer, len(tokenizer), e.prompt_len)[0].tolist()
+    try:
+        return measure_served(vllm_dir, windows, prompt, decode_tokens=e.decode_tokens, runs=e.runs)
+    except (OSError, RuntimeError, TimeoutError) as err:  # the int4 files are written; say why this row is missing
+        print(f"warning: vLLM could not serve {vllm_dir}: {str(err).splitlines()[0]}")
+        return {"runtime": "vllm", "error": str(err)[-2000:]}
 
 
 def main(cfg: DictConfig) -> dict:
@@ -196,5 +208,10 @@ def main(cfg: DictConfig) -> dict:
                 embeddings=e.embeddings, max_seq_len=e.max_seq_len, vllm_scheme=e.vllm_scheme,
             )  # fmt: skip
             print(f"{fmt}: {path}")
+        if "vllm" in e.formats and cfg.eval.measure and find_vllm() is not None:
+            # 5. The int4 model as it is served: vLLM's own perplexity and speed (eager torchao dequantizes).
+            results["qat_vllm"] = serve_and_measure(out / "vllm", tokenizer, eval_texts, cfg.eval)
+            write_report(report, out)
+            print(format_table(results))
     accelerator.wait_for_everyone()
     return report

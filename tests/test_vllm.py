@@ -160,3 +160,22 @@ def test_vllm_serves_the_export_as_eager_runs_it(tmp_path, tiny_tokenizer, schem
         agree = slice(0, split)
         eager_lp = torch.tensor([float(s[t]) for s, t in zip(steps[agree], want[agree], strict=True)])
         assert torch.allclose(torch.tensor(logprobs[agree]), eager_lp, atol=0.2)
+
+
+@needs_vllm
+def test_recipe_writes_the_vllm_dir_and_reports_vllms_own_numbers(tiny_checkpoint, tmp_path):
+    from test_qat_recipe import run_recipe, tiny_overrides
+
+    out = tmp_path / "out"
+    overrides = tiny_overrides(tiny_checkpoint, out, "compare.baseline=false", "export.formats=[hf,vllm]")
+    fast_measure = ["eval.measure=true", "eval.prompt_len=16", "eval.decode_tokens=4", "eval.runs=1"]
+    report = run_recipe([*overrides, "quantizer.scheme=4w", *fast_measure])
+    assert (out / "vllm" / "config.json").is_file() and (out / "int4" / "config.json").is_file()
+    served, eager = report["results"]["qat_vllm"], report["results"]["qat"]
+    assert "error" not in served, served.get("error")
+    assert served["kernels"] == ["CPUWNA16LinearKernel"] and served["decode_tokens_per_s"] > 0
+    # 4w: float activations in both; vLLM runs bf16, the eager model fp32.
+    assert served["perplexity"] == pytest.approx(eager["perplexity"], rel=0.02)
+    assert served["tokens"] == eager["tokens"]
+    md = (out / "report.md").read_text()
+    assert "| qat_vllm" in md and "as vllm serves it" in md and "eager PyTorch" in md

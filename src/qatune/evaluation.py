@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,24 +62,7 @@ def perplexity(
     start = time.perf_counter()
     if protocol == "lm_eval":
         docs = [d for d in docs if d]  # an empty document has no token to predict
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if prefix is None:
-            raise ValueError("protocol lm_eval needs a tokenizer with a BOS or EOS token to prefix each document")
-        doc_ids = [_encode(tokenizer, d) for d in docs]
-        windows = [w for ids in doc_ids for w in lm_eval_windows(ids, seq_len, prefix)]
-    else:
-        ids = _encode(tokenizer, "\n\n".join(docs))
-        if protocol == "gptq":
-            if len(ids) < seq_len:
-                raise ValueError(
-                    f"text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}; "
-                    "give more text or a smaller seq_len"
-                )
-            windows = gptq_windows(ids, seq_len)
-        else:
-            if len(ids) < 2:
-                raise ValueError(f"text has {len(ids)} token(s); the sliding protocol needs at least 2")
-            windows = sliding_windows(ids, seq_len, stride or seq_len)
+    windows = text_windows(tokenizer, docs, seq_len, protocol, stride)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total_nll, total_tokens = _score(model, windows, batch_size, pad_id, progress, desc=f"perplexity ({protocol})")
@@ -110,6 +93,49 @@ def perplexity(
             "documents": len(docs),
         }
     return result
+
+
+def text_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    docs: Sequence[str],
+    seq_len: int,
+    protocol: str = "gptq",
+    stride: int | None = None,
+) -> list[Window]:
+    """The (inputs, targets) windows `protocol` scores on `docs` (see the module docstring)."""
+    if protocol == "lm_eval":
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if prefix is None:
+            raise ValueError("protocol lm_eval needs a tokenizer with a BOS or EOS token to prefix each document")
+        return [w for d in docs if d for w in lm_eval_windows(_encode(tokenizer, d), seq_len, prefix)]
+    ids = _encode(tokenizer, "\n\n".join(docs))
+    if protocol == "gptq":
+        if len(ids) < seq_len:
+            raise ValueError(
+                f"text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}; "
+                "give more text or a smaller seq_len"
+            )
+        return gptq_windows(ids, seq_len)
+    if len(ids) < 2:
+        raise ValueError(f"text has {len(ids)} token(s); the sliding protocol needs at least 2")
+    return sliding_windows(ids, seq_len, stride or seq_len)
+
+
+def runtime_perplexity(windows: list[Window], prompt_logprobs: Callable[[list[int]], list[float]]) -> dict:
+    """Token perplexity from a runtime that scores a prompt: `prompt_logprobs(ids)[t - 1]` = log p(ids[t] | ids[:t]).
+
+    The same windows and predictions as `perplexity`: a window's targets are its next inputs (and for lm_eval one
+    token past them), so scoring inputs + that last target gives every prediction the window makes.
+    """
+    nll, count = 0.0, 0
+    for inputs, targets in windows:
+        if any(t != IGNORE and t != nxt for t, nxt in zip(targets, inputs[1:], strict=False)):
+            raise ValueError("runtime_perplexity takes windows whose targets are their next inputs")
+        ids = inputs + ([targets[-1]] if targets[-1] != IGNORE else [])
+        logprobs = prompt_logprobs(ids)
+        scored = [lp for lp, t in zip(logprobs, targets, strict=False) if t != IGNORE]
+        nll, count = nll - sum(scored), count + len(scored)
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(windows)}
 
 
 def gptq_windows(ids: Sequence[int], seq_len: int) -> list[Window]:

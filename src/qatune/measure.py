@@ -205,7 +205,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _prompt_ids(tokenizer_or_vocab: Any, vocab_size: int, prompt_len: int) -> torch.Tensor:
+def speed_prompt(tokenizer_or_vocab: Any, vocab_size: int, prompt_len: int) -> torch.Tensor:
     """`prompt_len` token ids: real English through the tokenizer, or seeded random ids given a vocab size."""
     if isinstance(tokenizer_or_vocab, int):
         if tokenizer_or_vocab < 1:
@@ -279,7 +279,7 @@ def throughput(
             f"max_position_embeddings {max_positions}"
         )
     device = _model_device(model)
-    prompt = _prompt_ids(tokenizer_or_vocab, model.config.vocab_size, prompt_len).to(device)
+    prompt = speed_prompt(tokenizer_or_vocab, model.config.vocab_size, prompt_len).to(device)
     timer = _Timer(device)
     was_training = model.training
     model.eval()

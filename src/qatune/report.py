@@ -15,7 +15,7 @@ from typing import Any
 from qatune.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 # Rows in this order, then any other models in the order they were added.
-MODEL_ORDER = ("bf16", "ptq", "qat", "bf16_finetuned", "ptq_finetuned")
+MODEL_ORDER = ("bf16", "ptq", "qat", "qat_vllm", "bf16_finetuned", "ptq_finetuned")
 
 
 def _ppl(results: Mapping[str, Any], name: str) -> float | None:
@@ -131,9 +131,22 @@ def format_markdown(report: Mapping[str, Any], png_name: str | None = None) -> s
             "",
             f"Speed: batch 1, {r.get('prompt_len', '?')}-token prefill, {r.get('decode_tokens', '?')} greedy decode "
             f"steps with KV cache, median of {r.get('runs', '?')} runs; device {r.get('device')}, {r.get('threads')} "
-            "threads. Size: storage in memory (torchao keeps int4 values in int8); packed size and bits/w: int4 at "
-            "4 bits + scales. Peak memory: the whole process (Python, torch, data and every model alive in it).",
+            "threads, eager PyTorch: torchao's int4 weights are dequantized on every matmul there, so eager int4 "
+            "(ptq, qat) is slower than float; that is not how int4 is served (docs/serving.md). Size: storage in "
+            "memory (torchao keeps int4 values in int8); packed size and bits/w: int4 at 4 bits + scales. Peak "
+            "memory: the whole process (Python, torch, data and every model alive in it).",
         ]
+    served = {n: r for n, r in results.items() if isinstance(r, Mapping) and r.get("runtime")}
+    for name, r in served.items():
+        if r.get("error"):
+            lines += ["", f"`{name}`: {r['runtime']} could not serve the export: {r['error'].splitlines()[0]}"]
+        else:
+            lines += [
+                "",
+                f"`{name}`: the int4 export as {r['runtime']} serves it (`vllm serve` on 127.0.0.1, kernels "
+                f"{', '.join(r.get('kernels') or ['?'])}; loaded in {r.get('load_s', 0):.0f} s): perplexity from its "
+                "own prompt logprobs on the same windows, speed as an HTTP client sees it (batch 1, same prompt).",
+            ]
     lines += [""]
     rec = report.get("recovery", recovery(results))
     if rec is not None:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -73,6 +75,7 @@ class VllmServer:
             str(self.executable), "serve", self.model_dir, "--host", HOST, "--port", str(self.port),
             "--dtype", dtype, "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs),
             "--gpu-memory-utilization", str(memory_utilization), "--served-model-name", "model",
+            "--no-enable-prefix-caching",  # a repeated prompt must be computed again, or prefill times read zero
             *(["--enforce-eager"] if enforce_eager else []), *(extra_args or []),
         ]  # fmt: skip
         self.env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_NO_USAGE_STATS": "1"}
@@ -154,3 +157,45 @@ class VllmServer:
         body = {"model": "model", "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
         entries = self.post("/v1/completions", body)["choices"][0]["prompt_logprobs"]
         return [float(entry[str(token)]["logprob"]) for token, entry in zip(ids[1:], entries[1:], strict=True)]
+
+    def kernels(self) -> list[str]:
+        """The int4 linear kernels vLLM says it picked (e.g. CPUWNA16LinearKernel, MarlinLinearKernel)."""
+        return sorted(set(re.findall(r"Using (\w+Kernel) for ", self.log_text())))
+
+    def speed(self, prompt_ids: list[int], decode_tokens: int, runs: int = 5) -> dict:
+        """Batch-1 prefill and decode tokens/s as a client sees them (median of `runs` after one warm-up).
+
+        Prefill = a 1-token completion of the prompt; decode = the extra time of `decode_tokens` more tokens.
+        """
+
+        def timed(max_tokens: int) -> float:
+            start = time.perf_counter()
+            self.complete(prompt_ids, max_tokens)
+            return time.perf_counter() - start
+
+        timed(decode_tokens + 1)
+        first = [timed(1) for _ in range(runs)]
+        full = [timed(decode_tokens + 1) for _ in range(runs)]
+        prefill_s, total_s = statistics.median(first), statistics.median(full)
+        return {
+            "prefill_tokens_per_s": len(prompt_ids) / prefill_s,
+            "decode_tokens_per_s": decode_tokens / max(total_s - prefill_s, 1e-9),
+            "prompt_len": len(prompt_ids),
+            "decode_tokens": decode_tokens,
+            "runs": runs,
+        }
+
+
+def measure_served(
+    vllm_dir: str | os.PathLike, windows: list, prompt_ids: list[int], *, decode_tokens: int, runs: int = 5
+) -> dict:
+    """The vLLM export as vLLM serves it: perplexity from its prompt logprobs over the recipe's eval windows, batch-1
+    speed, load time and the kernels it picked; one row of the recipe's report."""
+    from qatune.evaluation import runtime_perplexity
+
+    max_len = max(len(w[0]) + 1 for w in windows)
+    with VllmServer(vllm_dir, max_model_len=max(max_len, len(prompt_ids) + decode_tokens + 1)) as server:
+        result = {"runtime": "vllm", "load_s": server.load_s, "kernels": server.kernels()}
+        result |= runtime_perplexity(windows, server.prompt_logprobs)
+        result |= server.speed(prompt_ids, decode_tokens, runs)
+    return result
