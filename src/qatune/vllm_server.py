@@ -186,16 +186,20 @@ class VllmServer:
         }
 
 
+def served_metrics(server: VllmServer, windows: list, prompt_ids: list[int], *, decode_tokens: int, runs: int) -> dict:
+    """What a server gives on the recipe's eval windows (perplexity from its own prompt logprobs) and a prompt
+    (batch-1 speed), with its load time and the kernels it picked."""
+    from qatune.evaluation import runtime_perplexity
+
+    result = {"runtime": "vllm", "load_s": server.load_s, "kernels": server.kernels()}
+    result |= runtime_perplexity(windows, server.prompt_logprobs)
+    return result | server.speed(prompt_ids, decode_tokens, runs)
+
+
 def measure_served(
     vllm_dir: str | os.PathLike, windows: list, prompt_ids: list[int], *, decode_tokens: int, runs: int = 5
 ) -> dict:
-    """The vLLM export as vLLM serves it: perplexity from its prompt logprobs over the recipe's eval windows, batch-1
-    speed, load time and the kernels it picked; one row of the recipe's report."""
-    from qatune.evaluation import runtime_perplexity
-
-    max_len = max(len(w[0]) + 1 for w in windows)
-    with VllmServer(vllm_dir, max_model_len=max(max_len, len(prompt_ids) + decode_tokens + 1)) as server:
-        result = {"runtime": "vllm", "load_s": server.load_s, "kernels": server.kernels()}
-        result |= runtime_perplexity(windows, server.prompt_logprobs)
-        result |= server.speed(prompt_ids, decode_tokens, runs)
-    return result
+    """`served_metrics` of a `vllm serve <vllm_dir>` started for it: one row of the recipe's report."""
+    max_len = max(max(len(w[0]) + 1 for w in windows), len(prompt_ids) + decode_tokens + 1)
+    with VllmServer(vllm_dir, max_model_len=max_len) as server:
+        return served_metrics(server, windows, prompt_ids, decode_tokens=decode_tokens, runs=runs)
