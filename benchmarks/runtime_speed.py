@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 from pathlib import Path
 
@@ -37,65 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from qatune.report import markdown_table
+from qatune.runtimes import ExecuTorchRunner, LlamaCppRunner, time_runner
 
 Q4_0 = gguf.GGMLQuantizationType.Q4_0
 LINEAR_GGUF = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-
-
-class LlamaCppRunner:
-    def __init__(self, path: Path, threads: int, n_ctx: int):
-        from llama_cpp import Llama, llama_get_logits_ith
-
-        self._open = lambda **kw: Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
-                                        n_threads_batch=threads, verbose=False, **kw)  # fmt: skip
-        self.llm = self._open()
-        self.scoring = None  # opened on first use by window_logits
-        self._logits = llama_get_logits_ith
-
-    def prefill(self, ids: list[int]) -> int:
-        self.llm.reset()
-        self.llm.eval(ids)
-        return self._next()
-
-    def step(self, token: int) -> int:
-        self.llm.eval([token])
-        return self._next()
-
-    def _next(self) -> int:
-        ptr = self._logits(self.llm.ctx, -1)
-        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),))))
-
-    def window_logits(self, ids: list[int]) -> torch.Tensor:
-        # a second context that keeps every position's logits (the timed one keeps only the last, as servers do)
-        self.scoring = self.scoring or self._open(logits_all=True)
-        self.scoring.reset()
-        self.scoring.eval(ids)
-        return torch.from_numpy(np.array(self.scoring.scores[: len(ids)]))
-
-
-class ExecuTorchRunner:
-    def __init__(self, path: Path, threads: int, n_ctx: int):
-        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (the programs call llama:: kernels)
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-        from executorch.runtime import Runtime
-
-        _unsafe_reset_threadpool(threads)
-
-        self.forward = Runtime.get().load_program(path).load_method("forward")
-        self.pos = 0
-
-    def prefill(self, ids: list[int]) -> int:
-        logits = self.forward.execute([torch.tensor([ids]), torch.arange(len(ids))])[0]
-        self.pos = len(ids)
-        return int(logits[0, -1].argmax())
-
-    def step(self, token: int) -> int:
-        logits = self.forward.execute([torch.tensor([[token]]), torch.tensor([self.pos])])[0]
-        self.pos += 1
-        return int(logits[0, -1].argmax())
-
-    def window_logits(self, ids: list[int]) -> torch.Tensor:
-        return self.forward.execute([torch.tensor([ids]), torch.arange(len(ids))])[0][0]
 
 
 class TorchRunner:
@@ -127,25 +71,6 @@ class TorchRunner:
 
 
 RUNNERS = {"gguf": LlamaCppRunner, "executorch": ExecuTorchRunner, "torch": TorchRunner}
-
-
-def time_runner(runner, prompt: list[int], decode: int, runs: int) -> dict:
-    prefill_s, decode_s, tokens = [], [], []
-    for _ in range(runs + 1):  # the first run warms up (page-in, thread pools) and is not counted
-        start = time.perf_counter()
-        token = runner.prefill(prompt)
-        mid = time.perf_counter()
-        tokens = [token]
-        for _ in range(decode - 1):
-            tokens.append(runner.step(tokens[-1]))
-        end = time.perf_counter()
-        prefill_s.append(mid - start)
-        decode_s.append((end - mid) / max(decode - 1, 1))
-    return {
-        "prefill_tok_s": len(prompt) / statistics.median(prefill_s[1:]),
-        "decode_tok_s": 1 / statistics.median(decode_s[1:]),
-        "tokens": tokens,
-    }
 
 
 def gguf_linear_bytes(path: Path) -> int:

@@ -47,17 +47,18 @@ def eager_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[
     return tokens, logprobs
 
 
-def agreement(server: VllmServer, prompts: list[list[int]], eager: list, steps: int) -> tuple[int, int]:
-    """(prompts whose greedy tokens equal eager's, prompts that part only at a near-tie of eager's: gap < 0.1)."""
-    same = tie = 0
+def agreement(server: VllmServer, prompts: list[list[int]], eager: list, steps: int) -> tuple[int, float]:
+    """(prompts whose greedy tokens all equal eager's, the largest gap in eager's own logprobs between its token and
+    vLLM's where they first part): a gap within bf16's noise is a near-tie flip, not a wrong weight."""
+    same, gap = 0, 0.0
     for prompt, (want, logprobs) in zip(prompts, eager, strict=True):
         got, _ = server.complete(prompt, steps)
         split = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
         if split is None:
             same += 1
-        elif float(logprobs[split][want[split]] - logprobs[split][got[split]]) < 0.1:
-            tie += 1
-    return same, tie
+        else:
+            gap = max(gap, float(logprobs[split][want[split]] - logprobs[split][got[split]]))
+    return same, gap
 
 
 def concurrent_throughput(server: VllmServer, prompts: list[list[int]], max_tokens: int) -> float:
@@ -120,14 +121,14 @@ def main() -> None:
         reference = "torchao" if kind.endswith("w4a8") else "twin"
         with VllmServer(path, max_model_len=1024, max_num_seqs=len(prompts)) as server:
             served = served_metrics(server, windows, prompts[0], decode_tokens=args.decode, runs=args.runs)
-            same, tie = agreement(server, prompts, eager_tokens[reference], 16)
+            same, gap = agreement(server, prompts, eager_tokens[reference], 16)
             batch8 = concurrent_throughput(server, prompts, args.decode)
         eager = eager_torchao if reference == "torchao" else eager_twin
         rows.append({
             "artifact": kind, "kernel": ", ".join(served["kernels"]) or "(bf16 GEMM)", "load_s": served["load_s"],
             "vllm_ppl": served["perplexity"], "eager_ppl": eager,
             "ppl_diff_%": 100 * (served["perplexity"] / eager - 1), "eager_torchao_ppl": eager_torchao,
-            "agree": f"{same}/{len(prompts)}", "tie": tie, "decode_tok_s": served["decode_tokens_per_s"],
+            "agree": f"{same}/{len(prompts)}", "split_gap": gap, "decode_tok_s": served["decode_tokens_per_s"],
             "prefill_tok_s": served["prefill_tokens_per_s"], "batch8_tok_s": batch8,
             "MiB": sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20,
         })  # fmt: skip
@@ -143,8 +144,9 @@ def main() -> None:
     )
     tokens = sum(sum(t != -100 for t in targets) for _, targets in windows)
     print(f"ppl: {len(windows)} windows of {args.seq_len} tokens ({tokens} predicted) of {args.docs} held-out docs; "
-          f"eager_ppl and agree (16 greedy tokens on {len(prompts)} prompts; tie: parted at a gap < 0.1) against the "
-          f"float twin in transformers, bf16, for w4a16 and the twin, against eager torchao for w4a8; decode: batch "
+          f"eager_ppl and agree (16 greedy tokens on {len(prompts)} prompts; split_gap: the largest gap in eager's "
+          f"logprobs where they part) against the float twin in transformers, bf16, for w4a16 and the twin, against "
+          f"eager torchao for w4a8; decode: batch "
           f"1, {args.prompt_len}-token prompt, {args.decode} tokens, median of {args.runs}; batch8: {len(prompts)} "
           f"requests at once, {args.decode} tokens each")  # fmt: skip
     if not math.isfinite(statistics.mean(r["vllm_ppl"] for r in rows)):

@@ -37,6 +37,7 @@ from qatune.quantization import (
     self_distillation_loss,
 )
 from qatune.report import format_table, recovery, write_report
+from qatune.runtimes import RUNTIME_MODULES, measure_runtime, runtime_installed
 from qatune.training import DistributedConfig, TrainConfig, make_accelerator, train
 from qatune.vllm_server import find_vllm, measure_served
 
@@ -96,15 +97,27 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"self_distillation={cfg.self_distillation}: choose a weight in [0, 1] (0 = off)")
 
 
-def serve_and_measure(vllm_dir: Path, tokenizer, eval_texts: list[str], e: DictConfig) -> dict:
-    """`vllm serve` of the export on 127.0.0.1: perplexity on the eval windows and batch-1 speed, as a client sees."""
+def served_results(exported: dict[str, Path], tokenizer, eval_texts: list[str], e: DictConfig) -> dict:
+    """The int4 exports as their runtimes run them, where installed: `qat_vllm` (`vllm serve` on 127.0.0.1, HTTP),
+    `qat_llama_cpp` (the GGUF), `qat_executorch` (the .pte). Perplexity on the eval windows from the runtime's own
+    logprobs, batch-1 speed; eager torchao's speed (the `qat` row) is not what a runtime serves."""
     windows = text_windows(tokenizer, eval_texts, e.seq_len, e.protocol)
     prompt = speed_prompt(tokenizer, len(tokenizer), e.prompt_len)[0].tolist()
-    try:
-        return measure_served(vllm_dir, windows, prompt, decode_tokens=e.decode_tokens, runs=e.runs)
-    except (OSError, RuntimeError, TimeoutError) as err:  # the int4 files are written; say why this row is missing
-        print(f"warning: vLLM could not serve {vllm_dir}: {str(err).splitlines()[0]}")
-        return {"runtime": "vllm", "error": str(err)[-2000:]}
+    results, speed = {}, dict(decode_tokens=e.decode_tokens, runs=e.runs)
+    for fmt, path in exported.items():
+        vllm = fmt == "vllm" and find_vllm() is not None
+        if not (vllm or runtime_installed(fmt)):
+            continue
+        name = "qat_vllm" if vllm else f"qat_{RUNTIME_MODULES[fmt]}"
+        try:
+            if vllm:
+                results[name] = measure_served(path, windows, prompt, **speed)
+            else:
+                results[name] = measure_runtime(fmt, path, windows, prompt, threads=torch.get_num_threads(), **speed)
+        except (OSError, RuntimeError, TimeoutError) as err:  # the files are written; say why this row is missing
+            print(f"warning: {fmt} runtime could not run {path}: {str(err).splitlines()[0]}")
+            results[name] = {"runtime": fmt, "error": str(err)[-2000:]}
+    return results
 
 
 def main(cfg: DictConfig) -> dict:
@@ -201,16 +214,16 @@ def main(cfg: DictConfig) -> dict:
         write_report(report, out)
         print(format_table(results))
         print(f"int4 checkpoint: {out / 'int4'}   report: {out / 'report.md'}")
-        e = cfg.export
+        e, exported = cfg.export, {}
         for fmt in [f for f in dict.fromkeys(e.formats) if f != "hf"]:
-            path = export_model(
+            exported[fmt] = export_model(
                 model.cpu(), tokenizer, fmt, out,
                 embeddings=e.embeddings, max_seq_len=e.max_seq_len, vllm_scheme=e.vllm_scheme,
             )  # fmt: skip
-            print(f"{fmt}: {path}")
-        if "vllm" in e.formats and cfg.eval.measure and find_vllm() is not None:
-            # 5. The int4 model as it is served: vLLM's own perplexity and speed (eager torchao dequantizes).
-            results["qat_vllm"] = serve_and_measure(out / "vllm", tokenizer, eval_texts, cfg.eval)
+            print(f"{fmt}: {exported[fmt]}")
+        # 5. The int4 model as it is served, by each exported runtime that is installed (eager torchao dequantizes).
+        if cfg.eval.measure and (served := served_results(exported, tokenizer, eval_texts, cfg.eval)):
+            results |= served
             write_report(report, out)
             print(format_table(results))
     accelerator.wait_for_everyone()

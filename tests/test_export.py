@@ -383,3 +383,20 @@ def test_executorch_refuses_a_sliding_window_shorter_than_the_cache(tmp_path):
     with pytest.raises(ValueError, match="sliding_window=16.*max_seq_len<=16"):
         export_executorch(MistralForCausalLM(config), tmp_path / "m.pte", max_seq_len=32, allow_float=True)
     assert not list(tmp_path.iterdir())
+
+
+def test_recipe_reports_the_pte_as_executorch_runs_it(tiny_checkpoint, tmp_path):
+    pytest.importorskip("executorch", reason="needs the executorch extra")
+    from test_qat_recipe import run_recipe, tiny_overrides
+
+    out = tmp_path / "out"
+    overrides = tiny_overrides(tiny_checkpoint, out, "compare.baseline=false", "export.formats=[hf,executorch]")
+    fast_measure = ["eval.measure=true", "eval.prompt_len=16", "eval.decode_tokens=4", "eval.runs=1"]
+    report = run_recipe([*overrides, "export.max_seq_len=128", *fast_measure])
+    served, eager = report["results"]["qat_executorch"], report["results"]["qat"]
+    assert "error" not in served, served.get("error")
+    assert served["runtime"] == "executorch" and served["file"] == "model-8da4w.pte"
+    # The same int4 model, XNNPACK's kernels and bf16 scales: perplexity from the .pte's own logits.
+    assert served["perplexity"] == pytest.approx(eager["perplexity"], rel=0.02)
+    assert served["tokens"] == eager["tokens"] and served["decode_tokens_per_s"] > 0
+    assert "run by executorch" in (out / "report.md").read_text()

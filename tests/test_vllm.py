@@ -179,3 +179,15 @@ def test_recipe_writes_the_vllm_dir_and_reports_vllms_own_numbers(tiny_checkpoin
     assert served["tokens"] == eager["tokens"]
     md = (out / "report.md").read_text()
     assert "| qat_vllm" in md and "as vllm serves it" in md and "eager PyTorch" in md
+
+
+@needs_vllm
+def test_a_server_that_cannot_start_says_why_and_leaves_nothing_running(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # no architecture: vLLM refuses it
+    server = VllmServer(tmp_path, startup_timeout_s=300)
+    with pytest.raises(RuntimeError, match="vllm serve exited with code"):
+        with server:
+            pass
+    assert server.process.poll() is not None
+    pgrep = subprocess.run(["pgrep", "-s", str(server.process.pid)], capture_output=True, text=True)
+    assert pgrep.stdout.strip() == ""  # nothing left of its process group

@@ -15,7 +15,7 @@ from typing import Any
 from qatune.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 # Rows in this order, then any other models in the order they were added.
-MODEL_ORDER = ("bf16", "ptq", "qat", "qat_vllm", "bf16_finetuned", "ptq_finetuned")
+MODEL_ORDER = ("bf16", "ptq", "qat", "qat_vllm", "qat_llama_cpp", "qat_executorch", "bf16_finetuned", "ptq_finetuned")
 
 
 def _ppl(results: Mapping[str, Any], name: str) -> float | None:
@@ -140,6 +140,12 @@ def format_markdown(report: Mapping[str, Any], png_name: str | None = None) -> s
     for name, r in served.items():
         if r.get("error"):
             lines += ["", f"`{name}`: {r['runtime']} could not serve the export: {r['error'].splitlines()[0]}"]
+        elif r["runtime"] != "vllm":
+            lines += [
+                "",
+                f"`{name}`: the int4 export `{r.get('file')}` run by {r['runtime']} in the recipe's process "
+                f"({r.get('threads')} threads): perplexity from its own logits on the same windows, batch-1 speed.",
+            ]
         else:
             lines += [
                 "",

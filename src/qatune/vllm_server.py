@@ -43,6 +43,17 @@ def find_vllm() -> Path | None:
     return Path(found) if found else None
 
 
+def _die_with_parent() -> None:
+    """In the server process before exec: Linux sends it SIGTERM when the process that started it dies, even by
+    kill -9, so no server outlives its client (vLLM's API server then stops its engine processes)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the `with` block still stops it
+        pass
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -88,8 +99,9 @@ class VllmServer:
         start = time.perf_counter()
         # Its own process group, so stopping it also stops the engine processes it spawns.
         self.process = subprocess.Popen(
-            self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-        )
+            self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )  # fmt: skip
         try:
             self._wait_until_healthy(start)
         except BaseException:

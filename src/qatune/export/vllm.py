@@ -65,12 +65,11 @@ def _int4_codes_and_scale(weight: torch.Tensor, name: str, group: int) -> tuple[
 
 
 def _check_fused_layers(quantized: set[str], linears: list[str]) -> None:
+    """vLLM loads q/k/v (and gate/up) into one fused layer with one scheme: they must be all int4 or all float."""
     for name in linears:
+        parent, _, leaf = name.rpartition(".")
         for parts in FUSED_PROJECTIONS:
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf not in parts:
-                continue
-            siblings = [name[: -len(leaf)] + p for p in parts if name[: -len(leaf)] + p in linears]
+            siblings = [f"{parent}.{p}" for p in parts if f"{parent}.{p}" in linears] if leaf == parts[0] else []
             if len({s in quantized for s in siblings}) > 1:
                 raise ValueError(
                     f"{', '.join(siblings)}: vLLM runs these as one fused layer, so they must be all int4 or all "
@@ -194,8 +193,7 @@ def dequantized_model(vllm_dir: str | os.PathLike, dtype: torch.dtype = torch.bf
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(vllm_dir)
-    config.quantization_config = None
-    del config.quantization_config
+    del config.quantization_config  # a plain float model of the same shape
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = model.load_state_dict(decompressed_weights(vllm_dir), strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
