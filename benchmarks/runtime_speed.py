@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from qatune.report import markdown_table
-from qatune.runtimes import ExecuTorchRunner, LlamaCppRunner, time_runner
+from qatune.runtimes import ExecuTorchRunner, LlamaCppRunner, eager_greedy, greedy_agreement, time_runner
 
 Q4_0 = gguf.GGMLQuantizationType.Q4_0
 LINEAR_GGUF = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -240,31 +240,16 @@ def score_windows(runner, windows: list, eager_top: list[torch.Tensor]) -> tuple
     return math.exp(nll / count), same / sum(len(inputs) for inputs, _ in windows)
 
 
-def eager_greedy(model, prompt: list[int], steps: int = 16) -> tuple[list[int], list[torch.Tensor]]:
-    """The eager model's greedy tokens, each from a full forward pass (no KV cache), and the logits they came from."""
-    ids, tokens, logits = torch.tensor([prompt]), [], []
-    with torch.no_grad():
-        for _ in range(steps):
-            logits.append(model(ids).logits[0, -1])
-            tokens.append(int(logits[-1].argmax()))
-            ids = torch.cat([ids, torch.tensor([[tokens[-1]]])], dim=1)
-    return tokens, logits
+def runner_greedy(runner):
+    """generate(prompt, n) for greedy_agreement: the runner's prefill, then n - 1 steps of its KV cache."""
 
-
-def agreement(runner, prompts: list[list[int]], eager: list) -> tuple[int, float]:
-    """On how many prompts the runner's 16 greedy tokens all equal eager's, and the largest eager logit gap between
-    the two tokens where they first differ (0 if they never do)."""
-    same, tie = 0, 0.0
-    for prompt, (tokens, logits) in zip(prompts, eager, strict=True):
+    def generate(prompt: list[int], n: int) -> list[int]:
         got = [runner.prefill(prompt)]
-        for _ in range(len(tokens) - 1):
+        for _ in range(n - 1):
             got.append(runner.step(got[-1]))
-        first = next((i for i, (a, b) in enumerate(zip(got, tokens, strict=True)) if a != b), None)
-        if first is None:
-            same += 1
-        else:
-            tie = max(tie, float(logits[first][tokens[first]] - logits[first][got[first]]))
-    return same, tie
+        return got
+
+    return generate
 
 
 def main() -> None:
@@ -306,7 +291,7 @@ def main() -> None:
         row |= {k: result[k] for k in ("prefill_tok_s", "decode_tok_s")}
         row["ppl"], top1 = score_windows(runner, windows, eager_top)
         row["top1_%"] = 100 * top1
-        same, tie = agreement(runner, prompts, eager)
+        same, tie = greedy_agreement(runner_greedy(runner), prompts, eager)
         row["agree"], row["tie"] = f"{same}/{len(prompts)}", tie
         rows.append(row)
         print(f"measured {runtime} {kind}: {row}", flush=True)

@@ -32,33 +32,8 @@ from qatune.evaluation import perplexity, text_windows
 from qatune.export.vllm import dequantized_model, export_vllm
 from qatune.models import load_model, load_tokenizer
 from qatune.report import markdown_table
+from qatune.runtimes import eager_greedy, greedy_agreement
 from qatune.vllm_server import VllmServer, served_metrics
-
-
-@torch.no_grad()
-def eager_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens from full forward passes (no KV cache) and the log-probabilities each came from."""
-    ids, tokens, logprobs = list(prompt), [], []
-    for _ in range(steps):
-        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
-        tokens.append(int(lp.argmax()))
-        logprobs.append(lp)
-        ids.append(tokens[-1])
-    return tokens, logprobs
-
-
-def agreement(server: VllmServer, prompts: list[list[int]], eager: list, steps: int) -> tuple[int, float]:
-    """(prompts whose greedy tokens all equal eager's, the largest gap in eager's own logprobs between its token and
-    vLLM's where they first part): a gap within bf16's noise is a near-tie flip, not a wrong weight."""
-    same, gap = 0, 0.0
-    for prompt, (want, logprobs) in zip(prompts, eager, strict=True):
-        got, _ = server.complete(prompt, steps)
-        split = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
-        if split is None:
-            same += 1
-        else:
-            gap = max(gap, float(logprobs[split][want[split]] - logprobs[split][got[split]]))
-    return same, gap
 
 
 def concurrent_throughput(server: VllmServer, prompts: list[list[int]], max_tokens: int) -> float:
@@ -121,7 +96,7 @@ def main() -> None:
         reference = "torchao" if kind.endswith("w4a8") else "twin"
         with VllmServer(path, max_model_len=1024, max_num_seqs=len(prompts)) as server:
             served = served_metrics(server, windows, prompts[0], decode_tokens=args.decode, runs=args.runs)
-            same, gap = agreement(server, prompts, eager_tokens[reference], 16)
+            same, gap = greedy_agreement(lambda p, n: server.complete(p, n)[0], prompts, eager_tokens[reference])
             batch8 = concurrent_throughput(server, prompts, args.decode)
         eager = eager_torchao if reference == "torchao" else eager_twin
         rows.append({

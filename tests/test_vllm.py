@@ -17,6 +17,7 @@ from torch import nn
 from qatune.export import export_vllm
 from qatune.export.vllm import decompressed_weights, dequantized_model
 from qatune.quantization import QuantScheme, float_linear_names, quantize_ptq_, quantized_linear_names
+from qatune.runtimes import eager_greedy
 from qatune.vllm_server import VllmServer, find_vllm
 
 # In CI vLLM must be there (.ci/run builds it): a missing install fails instead of skipping.
@@ -105,15 +106,6 @@ def eager_logprobs(model: nn.Module, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
 
 
-@torch.no_grad()
-def eager_greedy(model: nn.Module, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
-    ids, steps = list(prompt), []
-    for _ in range(n):
-        steps.append(eager_logprobs(model, ids)[-1])
-        ids.append(int(steps[-1].argmax()))
-    return ids[len(prompt) :], steps
-
-
 # Measured here (tiny Llama, lm_head gain 4, 200 tokens of Python docs): vLLM's prompt logprobs differ from eager's
 # on the same weights by 0.13 at most (w4a16 vs the bf16 twin: bf16's resolution at logprobs around -16), mean far
 # less; the float original sits 3x further off at the max. Greedy splits happened only at exact bf16 ties.
@@ -191,3 +183,26 @@ def test_a_server_that_cannot_start_says_why_and_leaves_nothing_running(tmp_path
     assert server.process.poll() is not None
     pgrep = subprocess.run(["pgrep", "-s", str(server.process.pid)], capture_output=True, text=True)
     assert pgrep.stdout.strip() == ""  # nothing left of its process group
+
+
+def test_export_recipe_writes_the_vllm_dir_beside_a_saved_int4_dir(tmp_path, tiny_tokenizer):
+    from qatune.cli import load_recipe_config
+    from qatune.quantization import save_quantized
+
+    model, _ = int4_model("8da4w", 64)
+    save_quantized(model, tiny_tokenizer, tmp_path / "int4")
+    recipe, cfg = load_recipe_config("export", "export", [f"model.path={tmp_path / 'int4'}", "format=vllm"])
+    path = recipe.main(cfg)
+    assert path == tmp_path / "vllm"
+    weights = decompressed_weights(path)
+    w = model.get_submodule("model.layers.1.mlp.down_proj").weight
+    expected = w.qdata.to(torch.bfloat16) * w.scale.to(torch.bfloat16).repeat_interleave(64, dim=1)
+    assert torch.equal(weights["model.layers.1.mlp.down_proj.weight"], expected)
+    # A group size vLLM has no kernel for is refused once the checkpoint shows it, and nothing is written.
+    save_quantized(int4_model("4w", 256)[0], tiny_tokenizer, tmp_path / "g256" / "int4")
+    _, cfg = load_recipe_config("export", "export", [f"model.path={tmp_path / 'g256' / 'int4'}", "format=vllm"])
+    with pytest.raises(ValueError, match="group_size 256 has no vLLM int4 kernel"):
+        recipe.main(cfg)
+    assert sorted(p.name for p in (tmp_path / "g256").iterdir()) == ["int4"]
+    with pytest.raises(ValueError, match="group_size 256 has no vLLM int4 kernel"):  # quantize= is known up front
+        load_recipe_config("export", "export", ["format=vllm", "quantize=4w", "group_size=256"])

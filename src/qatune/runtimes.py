@@ -95,6 +95,33 @@ def time_runner(runner, prompt: list[int], decode: int, runs: int) -> dict:
     }
 
 
+@torch.no_grad()
+def eager_greedy(model, prompt: list[int], steps: int = 16) -> tuple[list[int], list[torch.Tensor]]:
+    """An eager model's greedy tokens, each from a full forward pass (no KV cache), and the log-probabilities each
+    came from: the reference a runtime's greedy tokens are compared with."""
+    ids, tokens, logprobs = list(prompt), [], []
+    for _ in range(steps):
+        logprobs.append(torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1))
+        tokens.append(int(logprobs[-1].argmax()))
+        ids.append(tokens[-1])
+    return tokens, logprobs
+
+
+def greedy_agreement(generate, prompts: list[list[int]], eager: list) -> tuple[int, float]:
+    """(on how many prompts `generate(prompt, n)`'s n greedy tokens all equal eager's, the largest gap in eager's
+    logprobs between its token and the runtime's where they first part; 0 if they never do). A gap within the
+    kernels' rounding noise is a near-tie flip, not a wrong weight."""
+    same, gap = 0, 0.0
+    for prompt, (want, logprobs) in zip(prompts, eager, strict=True):
+        got = generate(prompt, len(want))
+        split = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
+        if split is None:
+            same += 1
+        else:
+            gap = max(gap, float(logprobs[split][want[split]] - logprobs[split][got[split]]))
+    return same, gap
+
+
 def runtime_installed(fmt: str) -> bool:
     return fmt in RUNTIME_MODULES and importlib.util.find_spec(RUNTIME_MODULES[fmt]) is not None
 
