@@ -25,7 +25,8 @@ from qatune.data import DatasetConfig, build_dataset, check_dataset_config, load
 from qatune.device import resolve_device
 from qatune.evaluation import perplexity, text_windows
 from qatune.export import check_export_formats, export_model
-from qatune.measure import measure_model, speed_prompt
+from qatune.files import check_output_dir
+from qatune.measure import measure_model, model_size, speed_prompt
 from qatune.models import ModelConfig, load_model, load_tokenizer
 from qatune.quantization import (
     convert_to_int4,
@@ -38,7 +39,14 @@ from qatune.quantization import (
 )
 from qatune.report import format_table, recovery, write_report
 from qatune.runtimes import RUNTIME_MODULES, measure_runtime, runtime_installed
-from qatune.training import DistributedConfig, TrainConfig, make_accelerator, train
+from qatune.training import (
+    DistributedConfig,
+    TrainConfig,
+    check_strategy,
+    check_train_config,
+    make_accelerator,
+    train,
+)
 from qatune.vllm_server import find_vllm, measure_served
 
 
@@ -88,6 +96,9 @@ class Config(TrainConfig):
 
 def check_config(cfg: DictConfig) -> None:
     """Checks that need no weights, run by `tune validate` and before `tune run` starts."""
+    check_train_config(cfg, cfg.optimizer)
+    check_strategy(cfg.distributed.strategy)
+    check_output_dir(cfg.output_dir)
     q = resolve_quantizer(cfg.quantizer)
     check_dataset_config(cfg.dataset)
     check_dataset_config(cfg.eval_dataset)
@@ -114,6 +125,7 @@ def served_results(exported: dict[str, Path], tokenizer, eval_texts: list[str], 
                 results[name] = measure_served(path, windows, prompt, **speed)
             else:
                 results[name] = measure_runtime(fmt, path, windows, prompt, threads=torch.get_num_threads(), **speed)
+            results[name]["size_bytes"] = model_size(path)["total_bytes"]  # the file (or directory) it serves
         except (OSError, RuntimeError, TimeoutError) as err:  # the files are written; say why this row is missing
             print(f"warning: {fmt} runtime could not run {path}: {str(err).splitlines()[0]}")
             results[name] = {"runtime": fmt, "error": str(err)[-2000:]}

@@ -24,9 +24,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from qatune import registry
-from qatune.config import ConfigError, apply_overrides, load_yaml, validate
+from qatune.config import apply_overrides, load_yaml, validate
+from qatune.errors import ConfigError, TrainingError
 
-USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)
+USER_ERRORS = (ConfigError, TrainingError, ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)
 
 
 def load_recipe_config(recipe: str, config: str, overrides: list[str]) -> tuple[object, DictConfig]:
@@ -100,7 +101,14 @@ def _recipes_for(name: str, path: Path) -> list[str]:
     return sorted(registry.list_recipes(), key=overlap, reverse=True)
 
 
+def check_launch(args: argparse.Namespace) -> None:
+    for flag in ("nproc_per_node", "nnodes"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} {getattr(args, flag)}: give a count >= 1")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
+    check_launch(args)
     module, cfg = load_recipe_config(args.recipe, args.config, args.overrides)  # fail fast, before any launch
     if args.dry_run:
         return cmd_estimate(args, cfg)
@@ -132,6 +140,7 @@ def launch(args: argparse.Namespace) -> None:
 def cmd_estimate(args: argparse.Namespace, cfg: DictConfig | None = None) -> None:
     from qatune.planner import estimate_from_config, format_plan
 
+    check_launch(args)
     if cfg is None:
         _, cfg = load_recipe_config(args.recipe, args.config, args.overrides)
     gpus = args.nproc_per_node * args.nnodes

@@ -20,11 +20,9 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from qatune.errors import ConfigError
+
 COMPONENT = "_component_"
-
-
-class ConfigError(ValueError):
-    """A user error in a config or an override; its message is one line meant for the user."""
 
 
 def _closest(name: str, candidates: Iterable[str], fallback: Iterable[str] | None = None) -> str:
@@ -40,9 +38,13 @@ def load_yaml(path: str | Path) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
+        empty = yaml.safe_load(path.read_text(errors="replace")) is None
         cfg = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException) as e:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if empty:
+        hint = f"start from a shipped one: tune cp smollm2_135m {path}"
+        raise ConfigError(f"{path}: the config is empty (no keys); {hint}")
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: a config must be a YAML mapping, got a {type(cfg).__name__}")
     return cfg
@@ -73,8 +75,14 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
             parent, _, leaf = key.rpartition(".")
             node = OmegaConf.select(cfg, parent) if parent else cfg
             if not isinstance(node, DictConfig) or leaf not in node:
-                raise ConfigError(f"cannot delete {key!r}: no such key{_closest(key, _all_keys(cfg), fallback=[])}")
-            del node[leaf]
+                top = [str(k) for k in cfg.keys()]
+                raise ConfigError(f"cannot delete {key!r}: no such key{_closest(key, _all_keys(cfg), fallback=top)}")
+            try:
+                del node[leaf]
+            except OmegaConfBaseException:  # a key of the recipe's schema: it always exists, with a default
+                raise ConfigError(
+                    f"cannot delete {key!r}: the recipe always has this key; set it instead ({key}=...)"
+                ) from None
             continue
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value, +key=value or ~key")
@@ -152,6 +160,8 @@ def _parameters(fn: Any) -> set[str] | None:
 
 def check_components(cfg: Any, where: str = "") -> None:
     """Every `_component_` imports and every keyword beside it is a parameter of the callable."""
+    if isinstance(cfg, DictConfig) and cfg._is_none():  # a section set to null (e.g. lr_scheduler: null)
+        return
     if isinstance(cfg, DictConfig):
         if COMPONENT in cfg:
             params = _parameters(import_component(cfg[COMPONENT]))

@@ -71,3 +71,16 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_dir(path: str | Path) -> None:
+    """One-line errors, before anything loads, for an output directory that cannot be made or written: a file, a
+    path through a file, or a directory this user may not write."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output_dir {str(path)!r} is a file; give a directory (it is created if missing)")
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"output_dir {str(path)!r}: {str(existing)!r} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir {str(path)!r}: {str(existing)!r} is not writable by this user")

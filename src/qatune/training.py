@@ -25,11 +25,8 @@ from tqdm.auto import tqdm
 
 from qatune.config import instantiate
 from qatune.device import mmap_large_cpu_tensors
+from qatune.errors import TrainingError
 from qatune.files import atomic_write_json, atomic_write_text
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (loss became NaN/inf); the message is one line for the user."""
 
 
 @dataclass
@@ -51,6 +48,35 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, ...
 
 
+# (key, smallest accepted value); None values mean "off" where the schema allows None.
+_AT_LEAST = (
+    ("batch_size", 1), ("gradient_accumulation_steps", 1), ("max_steps", 1), ("epochs", 1),
+    ("log_every_n_steps", 1), ("eval_every_n_steps", 0), ("eval_batches", 1), ("save_every_n_steps", 0),
+    ("keep_last_n_checkpoints", 1),
+)  # fmt: skip
+
+
+def check_train_config(cfg: Mapping[str, Any], optimizer_cfg: Mapping[str, Any] | None = None) -> None:
+    """The training loop's rules, checked before anything loads (`tune validate` and `tune run` alike)."""
+    for key, least in _AT_LEAST:
+        value = cfg.get(key)
+        if value is None and key == "max_steps":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            null = " (or null: `epochs` full passes)" if key == "max_steps" else ""
+            raise ValueError(f"{key}={value!r}: give an integer >= {least}{null}")
+    clip = cfg.get("clip_grad_norm")
+    if clip is not None and not _positive_number(clip):
+        raise ValueError(f"clip_grad_norm={clip!r}: give a positive number, or null for no clipping")
+    lr = (optimizer_cfg or {}).get("lr")
+    if lr is not None and not _positive_number(lr):
+        raise ValueError(f"optimizer.lr={lr!r}: give a positive finite learning rate, e.g. 2e-5")
+
+
+def _positive_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -63,6 +89,11 @@ class TrainResult:
 
 
 STRATEGIES = ("ddp", "fsdp2")
+
+
+def check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"distributed.strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
 
 
 @dataclass
@@ -83,8 +114,7 @@ def make_accelerator(
     One process or many: torchrun/accelerate launch set the environment and accelerate picks DDP (gloo on CPU,
     NCCL on GPU) or, with strategy fsdp2, FSDP2 `fully_shard` of each decoder layer.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"distributed.strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    check_strategy(strategy)
     fsdp = None
     if strategy == "fsdp2" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process: nothing to shard
         if device.type != "cuda":
@@ -258,6 +288,7 @@ def train(
             if not math.isfinite(loss_value):
                 good = _checkpoints(output_dir)
                 where = f"last good checkpoint: {good[-1]}" if good else "no checkpoint was saved"
+                bar.close()  # else the bar redraws itself after the error line
                 raise TrainingError(
                     f"loss became {loss_value} at step {step + 1} ({where}); lower optimizer.lr or clip_grad_norm"
                 )
