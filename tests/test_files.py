@@ -31,3 +31,10 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
         raise RuntimeError("interrupted")
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_atomic_dir_gives_its_files_the_usual_permissions(tmp_path, umask_022):
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x")
+        os.chmod(tmp / "model.safetensors", 0o600)  # what safetensors' writer leaves
+    assert stat.S_IMODE((tmp_path / "out" / "model.safetensors").stat().st_mode) == 0o644

@@ -60,6 +60,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's is owner-only
+        for f in tmp.rglob("*"):  # and so are files some writers make (safetensors): a served dir must be readable
+            if f.is_file():
+                os.chmod(f, 0o666 & ~_umask())
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
