@@ -27,7 +27,7 @@ from qatune.evaluation import perplexity, text_windows
 from qatune.export import check_export_formats, export_model
 from qatune.files import check_output_dir
 from qatune.measure import measure_model, model_size, speed_prompt
-from qatune.models import ModelConfig, load_model, load_tokenizer
+from qatune.models import ModelConfig, check_model_path, load_model, load_tokenizer
 from qatune.quantization import (
     convert_to_int4,
     enable_fake_quant,
@@ -100,8 +100,9 @@ def check_config(cfg: DictConfig) -> None:
     check_strategy(cfg.distributed.strategy)
     check_output_dir(cfg.output_dir)
     q = resolve_quantizer(cfg.quantizer)
+    check_model_path(cfg.model.path)
     check_dataset_config(cfg.dataset)
-    check_dataset_config(cfg.eval_dataset)
+    check_dataset_config(cfg.eval_dataset, "eval_dataset")
     e = cfg.export
     check_export_formats(list(e.formats), e.embeddings, q.scheme, q.group_size, e.vllm_scheme)
     if not 0 <= cfg.self_distillation <= 1:

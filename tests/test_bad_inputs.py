@@ -26,6 +26,10 @@ WEIGHT_FREE = [
     ("~no_such_key", "cannot delete 'no_such_key': no such key (valid: activation_checkpointing, batch_size"),
     ("output_dir=README.md", "output_dir 'README.md' is a file"),
     ("output_dir=README.md/out", "output_dir 'README.md/out': 'README.md' is a file"),
+    ("model.path=README.md", "model.path 'README.md' is a file; give the checkpoint directory"),
+    ("model.path=", "model.path is empty: give a checkpoint directory or a hub id"),
+    ("model.path=broken", "broken/config.json is not valid JSON"),
+    ("eval_dataset.max_documents=0", "eval_dataset.max_documents must be a positive integer or null, got 0"),
 ]
 
 
@@ -41,13 +45,17 @@ def one_error_line(capsys) -> str:
 def test_validate_rejects_what_run_would(override, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "README.md").write_text("a file, not a directory\n")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "llama", "hidden')  # a download cut short
     assert main(["validate", "smollm2_135m", override]) == 2
     assert message in one_error_line(capsys)
     out = tmp_path / "out"
     overrides = [override] if override.startswith(("~", "output_dir")) else [override, f"output_dir={out}"]
+    if override.startswith("~"):  # the default output_dir (out/...) would be fine, but keep it inside tmp_path
+        overrides.append(f"output_dir={out}")
     assert main(["run", "qat_recipe", "--config", "smollm2_135m", *overrides]) == 2
     assert message in one_error_line(capsys)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "broken"]  # nothing written
 
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n\n"])

@@ -53,26 +53,29 @@ class DatasetConfig:
     data_files: str | None = None  # hub data_files, e.g. en/c4-train.00000-of-01024.json.gz for allenai/c4
 
 
-def check_dataset_config(cfg: DatasetConfig) -> None:
-    """Validate a dataset section without loading anything (recipes call it before loading weights)."""
+def check_dataset_config(cfg: DatasetConfig, section: str = "dataset") -> None:
+    """Validate a dataset section (named `section` in messages, e.g. eval_dataset) without loading anything
+    (recipes call it before loading weights)."""
     if cfg.format not in FORMATS:
-        raise ValueError(f"dataset.format {cfg.format!r} is not one of {', '.join(FORMATS)}")
+        raise ValueError(f"{section}.format {cfg.format!r} is not one of {', '.join(FORMATS)}")
     if cfg.max_documents is not None and cfg.max_documents < 1:
-        raise ValueError(f"dataset.max_documents must be a positive integer or null, got {cfg.max_documents}")
+        raise ValueError(f"{section}.max_documents must be a positive integer or null, got {cfg.max_documents}")
     if cfg.path is not None:
         path = Path(cfg.path)
         if path.suffix not in LOCAL_SUFFIXES:
             raise ValueError(
-                f"dataset.path {cfg.path!r}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}"
+                f"{section}.path {cfg.path!r}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}"
             )
         if not path.is_file():
-            raise FileNotFoundError(f"dataset.path {cfg.path!r} does not exist")
+            raise FileNotFoundError(f"{section}.path {cfg.path!r} does not exist")
         if path.suffix == ".txt" and cfg.format != "text":
-            raise ValueError(f"dataset.path {cfg.path!r}: a .txt file holds plain text; format={cfg.format} needs rows")
+            raise ValueError(
+                f"{section}.path {cfg.path!r}: a .txt file holds plain text; format={cfg.format} needs rows"
+            )
     elif not cfg.name:
-        raise ValueError("dataset: set name (python_docs or a hub dataset) or path (a local .txt/.jsonl/.parquet)")
+        raise ValueError(f"{section}: set name (python_docs or a hub dataset) or path (a local .txt/.jsonl/.parquet)")
     elif cfg.name in BUILTIN and cfg.format != "text":
-        raise ValueError(f"dataset.name {cfg.name!r} is plain text; it has no format={cfg.format} examples")
+        raise ValueError(f"{section}.name {cfg.name!r} is plain text; it has no format={cfg.format} examples")
 
 
 # ---------------------------------------------------------------------------------------------------- sources

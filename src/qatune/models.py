@@ -196,20 +196,39 @@ def looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~", ".\\")) or path.count("/") > 1 or path in (".", "..")
 
 
-def resolve_model_path(path_or_id: str, revision: str | None = None) -> Path:
-    """A local checkpoint dir, or a hub id found in our cache, in the HF cache, or downloaded now."""
+def check_model_path(path_or_id: str, key: str = "model.path") -> Path | None:
+    """The local checkpoint directory `path_or_id` names (None for a hub id), or a one-line error that needs no
+    weights: empty, a file, a directory without a readable config.json, a local path that does not exist."""
+    example = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if not isinstance(path_or_id, str) or not path_or_id.strip():
+        raise ValueError(f"{key} is empty: give a checkpoint directory or a hub id such as {example}")
     local = Path(path_or_id).expanduser()
+    if local.is_file():
+        raise NotADirectoryError(
+            f"{key} {path_or_id!r} is a file; give the checkpoint directory that holds config.json and the weights"
+        )
     if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path_or_id!r} is a directory but has no config.json; pass a checkpoint directory"
-            )
+        config = local / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{key} {path_or_id!r} is a directory but has no config.json; pass a checkpoint")
+        try:
+            json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config} is not valid JSON ({e}); re-download or repair the checkpoint") from None
         return local
     if looks_local(path_or_id) or not HUB_ID.match(path_or_id):
         raise FileNotFoundError(
             f"no checkpoint directory {path_or_id!r}; get one with `tune download <org/name> --output-dir "
-            f"{path_or_id}` or pass a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct"
+            f"{path_or_id}` or pass a hub id such as {example}"
         )
+    return None
+
+
+def resolve_model_path(path_or_id: str, revision: str | None = None) -> Path:
+    """A local checkpoint dir, or a hub id found in our cache, in the HF cache, or downloaded now."""
+    local = check_model_path(path_or_id)
+    if local is not None:
+        return local
     ours = default_download_dir(path_or_id, revision)
     if is_complete_checkpoint(ours):
         return ours
