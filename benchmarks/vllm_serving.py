@@ -44,10 +44,8 @@ def concurrent_throughput(server: VllmServer, prompts: list[list[int]], max_toke
     return sum(map(len, outputs)) / (time.perf_counter() - start)
 
 
-def build(args) -> tuple[dict[str, Path], Path]:
+def build(args, int4, tokenizer) -> tuple[dict[str, Path], Path]:
     work = Path(args.work_dir)
-    int4 = load_model(args.int4, device="cpu")
-    tokenizer = load_tokenizer(args.int4)
     paths = {"int4 w4a16": work / "w4a16"}
     if args.w4a8:
         paths["int4 w4a8"] = work / "w4a8"
@@ -76,15 +74,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    paths, int4_dir = build(args)
+    int4 = load_model(args.int4, device="cpu")
     tokenizer = load_tokenizer(args.int4)
+    paths, int4_dir = build(args, int4, tokenizer)
     texts = python_docs("validation")[: args.docs]
     windows = text_windows(tokenizer, texts, args.seq_len)
     later = python_docs("validation")[args.docs : args.docs + args.prompts]
     prompts = [tokenizer(t)["input_ids"][: args.prompt_len] for t in later]
     twin = dequantized_model(int4_dir, torch.bfloat16)
     eager_twin = perplexity(twin, tokenizer, texts, seq_len=args.seq_len, progress=False)["perplexity"]
-    int4 = load_model(args.int4, device="cpu")
     eager_torchao = perplexity(int4, tokenizer, texts, seq_len=args.seq_len, progress=False)["perplexity"]
     eager_tokens = {"twin": [eager_greedy(twin, p, 16) for p in prompts]}
     if args.w4a8:

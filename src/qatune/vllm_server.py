@@ -127,8 +127,7 @@ class VllmServer:
         raise TimeoutError(f"vllm serve not healthy after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 4000) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")[-chars:]
+        return self.log_text()[-chars:]
 
     def log_text(self) -> str:
         self.log.flush()

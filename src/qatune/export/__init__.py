@@ -19,7 +19,7 @@ from torch import nn
 
 from qatune.export.executorch import export_executorch, generate_pte
 from qatune.export.gguf import FLOAT_TYPES, export_gguf, permute_for_llama_cpp
-from qatune.export.vllm import VLLM_SCHEMES, check_vllm_export, export_vllm
+from qatune.export.vllm import check_vllm_export, check_vllm_scheme, export_vllm
 from qatune.quantization import quantized_scheme
 
 EXPORT_FORMATS = ("hf", "gguf", "executorch", "vllm")
@@ -48,8 +48,7 @@ def check_export_formats(
     (`scheme`, `group_size`, where known) a chosen runtime cannot hold, before any weights are loaded."""
     if embeddings not in FLOAT_TYPES:
         raise ValueError(f"embeddings={embeddings!r}: choose one of {', '.join(FLOAT_TYPES)}")
-    if vllm_scheme not in VLLM_SCHEMES:
-        raise ValueError(f"vllm_scheme={vllm_scheme!r}: choose one of {', '.join(VLLM_SCHEMES)}")
+    check_vllm_scheme(vllm_scheme)
     for fmt in formats:
         if fmt not in EXPORT_FORMATS:
             raise ValueError(f"format={fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")

@@ -36,10 +36,14 @@ VLLM_GROUP_SIZES = (32, 64, 128)
 FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def check_vllm_export(scheme: str, group_size: int, vllm_scheme: str = "w4a16") -> None:
-    """One-line errors, before any weights load, for what vLLM cannot serve."""
+def check_vllm_scheme(vllm_scheme: str) -> None:
     if vllm_scheme not in VLLM_SCHEMES:
         raise ValueError(f"vllm_scheme={vllm_scheme!r}: choose one of {', '.join(VLLM_SCHEMES)}")
+
+
+def check_vllm_export(scheme: str, group_size: int, vllm_scheme: str = "w4a16") -> None:
+    """One-line errors, before any weights load, for what vLLM cannot serve."""
+    check_vllm_scheme(vllm_scheme)
     if scheme not in ("8da4w", "4w"):
         raise ValueError(f"export format vllm: quantizer scheme {scheme} is not exported to vLLM; use 8da4w or 4w")
     if vllm_scheme == "w4a8" and scheme != "8da4w":
