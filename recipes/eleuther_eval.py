@@ -17,9 +17,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from qatune.device import resolve_device
-from qatune.files import atomic_write_json
-from qatune.models import ModelConfig, load_model, load_tokenizer
+from qatune.device import check_device, resolve_device
+from qatune.errors import ConfigError, check_at_least
+from qatune.files import atomic_write_json, check_output_dir
+from qatune.models import ModelConfig, check_model_config, load_model, load_tokenizer
 from qatune.quantization import quantize_ptq_, resolve_quantizer
 
 
@@ -39,14 +40,18 @@ class Config:
 
 def check_config(cfg: DictConfig) -> None:
     """Everything that can be checked without lm-eval's task index or the weights."""
+    check_model_config(cfg.model)
+    check_device(cfg.device)
+    check_output_dir(cfg.output_dir)
+    check_at_least("batch_size", cfg.batch_size, 1)
     if not cfg.tasks:
-        raise ValueError("tasks is empty; name at least one lm-eval task, e.g. tasks=[wikitext]")
+        raise ConfigError("tasks is empty; name at least one lm-eval task, e.g. tasks=[wikitext]")
     if cfg.include_path is not None and not Path(cfg.include_path).is_dir():
-        raise FileNotFoundError(f"include_path {cfg.include_path!r} is not a directory of lm-eval task YAMLs")
+        raise ConfigError(f"include_path {cfg.include_path!r} is not a directory of lm-eval task YAMLs")
     if cfg.limit is not None and cfg.limit <= 0:
-        raise ValueError(f"limit={cfg.limit} must be positive (a count of documents, or a fraction < 1), or null")
+        raise ConfigError(f"limit={cfg.limit} must be positive (a count of documents, or a fraction < 1), or null")
     if cfg.max_length is not None and cfg.max_length < 2:
-        raise ValueError(f"max_length={cfg.max_length} must be at least 2 tokens, or null")
+        raise ConfigError(f"max_length={cfg.max_length} must be at least 2 tokens, or null")
     if cfg.quantize is not None:
         resolve_quantizer({"scheme": cfg.quantize, "group_size": cfg.group_size})
 
@@ -71,7 +76,7 @@ def find_tasks(task_names: list[str], include_path: str | None):
             close = difflib.get_close_matches(name, known, n=3)
             hint = f"did you mean {', '.join(close)}?" if close else "see `lm-eval ls tasks`"
             where = f" nor in include_path {include_path!r}" if include_path else ""
-            raise ValueError(f"unknown lm-eval task {name!r}: not a built-in task{where}; {hint}")
+            raise ConfigError(f"unknown lm-eval task {name!r}: not a built-in task{where}; {hint}")
     return task_manager
 
 
@@ -92,7 +97,7 @@ def main(cfg: DictConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model.path)
     context = model.config.max_position_embeddings
     if cfg.max_length is not None and cfg.max_length > context:
-        raise ValueError(f"max_length={cfg.max_length} exceeds the model's context of {context} positions")
+        raise ConfigError(f"max_length={cfg.max_length} exceeds the model's context of {context} positions")
     if cfg.quantize is not None:
         quantize_ptq_(model, resolve_quantizer({"scheme": cfg.quantize, "group_size": cfg.group_size}))
     model.eval()

@@ -15,10 +15,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from qatune.data import DatasetConfig, check_dataset_config, load_texts
-from qatune.device import resolve_device
-from qatune.evaluation import perplexity
-from qatune.files import atomic_write_json
-from qatune.models import ModelConfig, load_model, load_tokenizer
+from qatune.device import check_device, resolve_device
+from qatune.errors import ConfigError
+from qatune.evaluation import check_eval_args, perplexity
+from qatune.files import atomic_write_json, check_output_dir
+from qatune.models import ModelConfig, check_model_config, check_model_path, load_model, load_tokenizer
 from qatune.quantization import quantize_ptq_, resolve_quantizer
 
 
@@ -46,7 +47,19 @@ class Config:
 
 
 def check_config(cfg: DictConfig) -> None:
+    """Checks that need no weights, run by `tune validate` and before `tune run` starts: every model's path (the
+    compare_with ones too, so that no evaluation is lost to a typo in the last), the text, the protocol, output_dir."""
+    check_model_config(cfg.model)
     check_dataset_config(cfg.dataset)
+    check_eval_args(cfg.seq_len, cfg.protocol, cfg.batch_size, cfg.stride)
+    check_device(cfg.device)
+    check_output_dir(cfg.output_dir)
+    names = [cfg.quantize or "model"]
+    for i, entry in enumerate(cfg.compare_with):
+        check_model_path(entry.path, f"compare_with[{i}].path")
+        if entry.name in names:
+            raise ConfigError(f"compare_with[{i}].name {entry.name!r} is taken; give each model its own name")
+        names.append(entry.name)
     for entry in [cfg, *cfg.compare_with]:
         if entry.quantize is not None:
             resolve_quantizer({"scheme": entry.quantize, "group_size": entry.group_size})

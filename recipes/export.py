@@ -16,8 +16,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from qatune.errors import ConfigError
 from qatune.export import check_export_formats, export_model, quantized_scheme
-from qatune.models import ModelConfig, load_model, load_tokenizer
+from qatune.files import check_output_dir
+from qatune.models import ModelConfig, check_model_config, load_model, load_tokenizer
 
 
 @dataclass
@@ -34,6 +36,9 @@ class Config:
 
 def check_config(cfg: DictConfig) -> None:
     """Checks that need no weights (the scheme of a saved int4 dir is checked once it loads)."""
+    check_model_config(cfg.model)
+    if cfg.output_dir:
+        check_output_dir(cfg.output_dir)
     if cfg.quantize is not None:
         from qatune.quantization import resolve_quantizer
 
@@ -54,13 +59,13 @@ def main(cfg: DictConfig) -> Path:
     tokenizer = load_tokenizer(cfg.model.path)
     if quantized_scheme(model):
         if cfg.quantize:
-            raise ValueError(f"{cfg.model.path} is already quantized; drop quantize={cfg.quantize}")
+            raise ConfigError(f"{cfg.model.path} is already quantized; drop quantize={cfg.quantize}")
     elif cfg.quantize:
         from qatune.quantization import quantize_ptq_, resolve_quantizer
 
         quantize_ptq_(model, resolve_quantizer({"scheme": cfg.quantize, "group_size": cfg.group_size}))
     else:
-        raise ValueError(
+        raise ConfigError(
             f"{cfg.model.path} is a float checkpoint, not an int4 one: run `tune run qat_recipe` first and export "
             "its output_dir/int4, or pass quantize=8da4w to quantize it now (PTQ)"
         )

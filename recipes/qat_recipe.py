@@ -22,12 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM
 
 from qatune.data import DatasetConfig, build_dataset, check_dataset_config, load_texts
-from qatune.device import resolve_device
-from qatune.evaluation import perplexity, text_windows
+from qatune.device import check_device, resolve_device
+from qatune.errors import ConfigError, check_at_least
+from qatune.evaluation import check_eval_args, perplexity, text_windows
 from qatune.export import check_export_formats, export_model
-from qatune.files import check_output_dir
-from qatune.measure import measure_model, model_size, speed_prompt
-from qatune.models import ModelConfig, check_model_path, load_model, load_tokenizer
+from qatune.files import check_output_dir, check_previous_run, remove_previous_run
+from qatune.measure import check_measure_args, measure_model, model_size, speed_prompt
+from qatune.models import ModelConfig, check_model_config, load_model, load_tokenizer
 from qatune.quantization import (
     convert_to_int4,
     enable_fake_quant,
@@ -37,7 +38,7 @@ from qatune.quantization import (
     save_quantized,
     self_distillation_loss,
 )
-from qatune.report import format_table, recovery, write_report
+from qatune.report import format_table, headline, recovery, write_report
 from qatune.runtimes import RUNTIME_MODULES, measure_runtime, runtime_installed
 from qatune.training import (
     DistributedConfig,
@@ -75,9 +76,16 @@ class ExportConfig:
     vllm_scheme: str = "w4a16"  # vllm: w4a16 | w4a8 (8da4w only: int8 dynamic activations)
 
 
+# What a run writes into output_dir: a second run there is refused unless overwrite=true (which removes these first)
+# or resume=true (which continues the checkpoints under qat/ and bf16_finetuned/).
+RUN_FILES = ("int4", "report.json", "report.md", "report.png", "vllm", "model-*.gguf", "model-*.pte", "qat",
+             "bf16_finetuned")  # fmt: skip
+
+
 @dataclass
 class Config(TrainConfig):
     output_dir: str = "out/qat"
+    overwrite: bool = False  # replace a previous run's int4/, report and exports in output_dir (else refused)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -97,16 +105,23 @@ class Config(TrainConfig):
 def check_config(cfg: DictConfig) -> None:
     """Checks that need no weights, run by `tune validate` and before `tune run` starts."""
     check_train_config(cfg, cfg.optimizer)
+    check_at_least("seq_len", cfg.seq_len, 2)
     check_strategy(cfg.distributed.strategy)
+    check_device(cfg.device)
     check_output_dir(cfg.output_dir)
+    check_previous_run(cfg.output_dir, RUN_FILES, overwrite=cfg.overwrite, resume=cfg.resume)
     q = resolve_quantizer(cfg.quantizer)
-    check_model_path(cfg.model.path)
+    check_model_config(cfg.model)
     check_dataset_config(cfg.dataset)
     check_dataset_config(cfg.eval_dataset, "eval_dataset")
+    e = cfg.eval
+    check_eval_args(e.seq_len, e.protocol, e.batch_size, prefix="eval.")
+    if e.measure:
+        check_measure_args(e.prompt_len, e.decode_tokens, e.runs, prefix="eval.")
     e = cfg.export
     check_export_formats(list(e.formats), e.embeddings, q.scheme, q.group_size, e.vllm_scheme)
     if not 0 <= cfg.self_distillation <= 1:
-        raise ValueError(f"self_distillation={cfg.self_distillation}: choose a weight in [0, 1] (0 = off)")
+        raise ConfigError(f"self_distillation={cfg.self_distillation}: choose a weight in [0, 1] (0 = off)")
 
 
 def served_results(exported: dict[str, Path], tokenizer, eval_texts: list[str], e: DictConfig) -> dict:
@@ -142,6 +157,9 @@ def main(cfg: DictConfig) -> dict:
         strategy=cfg.distributed.strategy, activation_checkpointing=cfg.activation_checkpointing,
     )  # fmt: skip
     main_process = accelerator.is_main_process  # evaluates, saves and prints; every process trains
+    if cfg.overwrite and main_process:
+        remove_previous_run(out, RUN_FILES)
+    accelerator.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model.path, revision=cfg.model.revision)
     train_data = build_dataset(cfg.dataset, tokenizer, cfg.seq_len)
     eval_texts = load_texts(cfg.eval_dataset)
@@ -226,6 +244,7 @@ def main(cfg: DictConfig) -> dict:
         save_quantized(model, tokenizer, out / "int4")
         write_report(report, out)
         print(format_table(results))
+        print(headline(results).replace("**", ""))
         print(f"int4 checkpoint: {out / 'int4'}   report: {out / 'report.md'}")
         e, exported = cfg.export, {}
         for fmt in [f for f in dict.fromkeys(e.formats) if f != "hf"]:

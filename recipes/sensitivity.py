@@ -17,8 +17,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qatune.data import DatasetConfig, check_dataset_config, load_texts
-from qatune.device import resolve_device
-from qatune.models import ModelConfig, load_model, load_tokenizer
+from qatune.device import check_device, resolve_device
+from qatune.errors import ConfigError, check_at_least
+from qatune.files import check_output_dir
+from qatune.models import ModelConfig, check_model_config, load_model, load_tokenizer
 from qatune.quantization import resolve_quantizer
 from qatune.sensitivity import GRANULARITIES, analyze, validation_text, write_sensitivity
 
@@ -48,23 +50,24 @@ class Config:
 
 def check_config(cfg: DictConfig) -> None:
     """Checks that need no weights, run by `tune validate` and before `tune run` starts."""
+    check_model_config(cfg.model)
+    check_device(cfg.device)
+    check_output_dir(cfg.output_dir)
     resolve_quantizer(cfg.quantizer)
     check_dataset_config(cfg.dataset)
     if cfg.granularity not in GRANULARITIES:
-        raise ValueError(f"granularity {cfg.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        raise ConfigError(f"granularity {cfg.granularity!r} is not one of {', '.join(GRANULARITIES)}")
     for key in ("seq_len", "batch_size", "calibration_batches"):
-        if cfg[key] < 1:
-            raise ValueError(f"{key}={cfg[key]} must be at least 1")
+        check_at_least(key, cfg[key], 1)
     for key in ("reverse_top_k", "histograms_top_k"):
-        if cfg[key] < 0:
-            raise ValueError(f"{key}={cfg[key]} must be 0 or more")
+        check_at_least(key, cfg[key], 0)
     if cfg.max_tokens is not None and cfg.max_tokens < cfg.seq_len:
-        raise ValueError(f"max_tokens={cfg.max_tokens} is less than one window of seq_len={cfg.seq_len}")
+        raise ConfigError(f"max_tokens={cfg.max_tokens} is less than one window of seq_len={cfg.seq_len}")
     b = cfg.budget
     if b.max_layers is None and b.max_mb is None:
-        raise ValueError("budget: set max_layers (units kept in bf16) and/or max_mb (MB of bf16 weights)")
+        raise ConfigError("budget: set max_layers (units kept in bf16) and/or max_mb (MB of bf16 weights)")
     if (b.max_layers is not None and b.max_layers < 1) or (b.max_mb is not None and b.max_mb <= 0):
-        raise ValueError(f"budget max_layers={b.max_layers}, max_mb={b.max_mb}: use a positive number or null")
+        raise ConfigError(f"budget max_layers={b.max_layers}, max_mb={b.max_mb}: use a positive number or null")
 
 
 def main(cfg: DictConfig) -> dict:

@@ -3,12 +3,15 @@ weight loads (`tune validate` rejects the same ones). Each case here was a trace
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
+from conftest import make_tiny_llama
 
 from qatune.cli import main
+from qatune.errors import ConfigError
 
 # (override, what the one line must name). All need no weights: validate rejects them, run rejects them at once.
 WEIGHT_FREE = [
@@ -19,17 +22,30 @@ WEIGHT_FREE = [
     ("optimizer.lr=-1", "optimizer.lr=-1"),
     ("max_steps=-5", "max_steps=-5: give an integer >= 1 (or null"),
     ("max_steps=0", "max_steps=0"),
+    ("keep_last_n_checkpoints=0", "keep_last_n_checkpoints=0: give an integer >= 1"),
     ("clip_grad_norm=0", "clip_grad_norm=0.0: give a positive number, or null"),
+    ("seq_len=1", "seq_len=1: give an integer >= 2"),
     ("distributed.strategy=zero3", "distributed.strategy 'zero3' is not one of ddp, fsdp2"),
+    ("device=tpu", "device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+    ("model.dtype=fp8", "model.dtype 'fp8' is not one of auto, bf16"),
+    ("dataset.format=xml", "dataset.format 'xml' is not one of text, instruct, chat"),
+    ("eval.protocol=wikitext", "eval.protocol 'wikitext' is not one of gptq, lm_eval, sliding"),
+    ("eval.batch_size=0", "eval.batch_size=0: give an integer >= 1"),
+    ("eval.runs=0", "eval.runs=0: give an integer >= 1"),
     ("~seq_len", "cannot delete 'seq_len': the recipe always has this key; set it instead"),
     ("~model", "cannot delete 'model'"),
     ("~no_such_key", "cannot delete 'no_such_key': no such key (valid: activation_checkpointing, batch_size"),
     ("output_dir=README.md", "output_dir 'README.md' is a file"),
     ("output_dir=README.md/out", "output_dir 'README.md/out': 'README.md' is a file"),
+    ("output_dir=locked/out", "output_dir 'locked/out': 'locked' is not writable by this user"),
+    ("output_dir=previous", "output_dir 'previous' holds a previous run (int4/, report.json); pass overwrite=true"),
+    ("overwrite=true resume=true", "overwrite=true and resume=true contradict"),
     ("model.path=README.md", "model.path 'README.md' is a file; give the checkpoint directory"),
     ("model.path=", "model.path is empty: give a checkpoint directory or a hub id"),
     ("model.path=broken", "broken/config.json is not valid JSON"),
+    ("model.path=no/such/dir", "model.path 'no/such/dir': no such checkpoint directory"),
     ("eval_dataset.max_documents=0", "eval_dataset.max_documents must be a positive integer or null, got 0"),
+    ("dataset.path=nope.jsonl", "dataset.path 'nope.jsonl' does not exist"),
 ]
 
 
@@ -37,25 +53,108 @@ def one_error_line(capsys) -> str:
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
-    assert "Loading" not in captured.out + captured.err  # no weights were loaded
+    assert "Traceback" not in captured.out + captured.err
     return lines[0]
 
 
-@pytest.mark.parametrize(("override", "message"), WEIGHT_FREE)
-def test_validate_rejects_what_run_would(override, message, capsys, tmp_path, monkeypatch):
+@pytest.fixture
+def inputs(tmp_path, monkeypatch, tiny_tokenizer):
+    """A working directory holding the bad inputs, and `trap`: a checkpoint whose config and tokenizer load but
+    whose weights are garbage, so an error that came after the weights started loading would say so instead."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "README.md").write_text("a file, not a directory\n")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text('{"model_type": "llama", "hidden')  # a download cut short
-    assert main(["validate", "smollm2_135m", override]) == 2
+    (tmp_path / "locked").mkdir(mode=0o500)
+    (tmp_path / "previous" / "int4").mkdir(parents=True)
+    (tmp_path / "previous" / "report.json").write_text("{}\n")
+    trap = tmp_path / "trap"
+    make_tiny_llama(vocab_size=len(tiny_tokenizer)).config.save_pretrained(trap)
+    tiny_tokenizer.save_pretrained(trap)
+    (trap / "model.safetensors").write_bytes(b"not safetensors")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    yield tmp_path
+    (tmp_path / "locked").chmod(0o700)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere: the not-writable case cannot fail as root")
+def test_a_directory_this_user_cannot_write_is_refused(inputs, capsys):
+    assert main(["validate", "smollm2_135m", "output_dir=locked/out"]) == 2
+    assert "output_dir 'locked/out': 'locked' is not writable by this user" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(("override", "message"), [c for c in WEIGHT_FREE if "locked" not in c[0]])
+def test_validate_rejects_what_run_would(override, message, capsys, inputs):
+    overrides = override.split(" ")
+    assert main(["validate", "smollm2_135m", *overrides]) == 2
     assert message in one_error_line(capsys)
-    out = tmp_path / "out"
-    overrides = [override] if override.startswith(("~", "output_dir")) else [override, f"output_dir={out}"]
-    if override.startswith("~"):  # the default output_dir (out/...) would be fine, but keep it inside tmp_path
-        overrides.append(f"output_dir={out}")
+    if not override.startswith("model.path"):
+        overrides.append("model.path=trap")
+    if not override.startswith(("~", "output_dir")):
+        overrides.append("output_dir=out")
+    elif override.startswith("~"):  # the default output_dir (out/...) would be fine, but keep it inside tmp_path
+        overrides.append("output_dir=out")
     assert main(["run", "qat_recipe", "--config", "smollm2_135m", *overrides]) == 2
     assert message in one_error_line(capsys)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "broken"]  # nothing written
+
+
+# Found only once the file is read: after the tokenizer, before any weights (the trap's would fail to load).
+DATA_FILES = [
+    ("bad.jsonl", b'{"text": "a"}\n{"text": "b"\n', "dataset.path 'bad.jsonl': line 2 is not valid JSON (Expecting"),
+    ("binary.jsonl", b'{"text": "a"}\n{"text": "\xff\xfe"}\n', "dataset.path 'binary.jsonl': line 2 is not UTF-8"),
+    ("binary.txt", b"text\n\x89PNG\r\n\x00\xff", "dataset.path 'binary.txt': line 2 is not UTF-8 text (byte 0x89"),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "message"), DATA_FILES)
+def test_an_unreadable_data_file_is_named_with_its_line(name, data, message, capsys, inputs):
+    (inputs / name).write_bytes(data)
+    argv = [
+        "run",
+        "qat_recipe",
+        "--config",
+        "smollm2_135m",
+        "model.path=trap",
+        f"dataset.path={name}",
+        "output_dir=out",
+    ]
+    assert main(argv) == 2
+    assert message in one_error_line(capsys)
+    (inputs / name).unlink()  # the fixture checks that nothing else was written
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["compare_with=[{name: int4, path: no/such/int4}]"], "compare_with[0].path 'no/such/int4': no such"),
+        (["compare_with=[{name: model, path: trap}]"], "compare_with[0].name 'model' is taken"),
+        (["output_dir=README.md"], "output_dir 'README.md' is a file"),
+        (["protocol=wikitext"], "protocol 'wikitext' is not one of gptq, lm_eval, sliding"),
+        (["stride=16"], "stride=16 is only used by protocol sliding, not 'gptq'"),
+    ],
+)
+def test_eval_perplexity_checks_every_model_before_the_first_evaluation(overrides, message, capsys, inputs):
+    for argv in (["validate", "eval_perplexity"], ["run", "eval_perplexity", "--config", "eval_perplexity"]):
+        assert main([*argv, "model.path=trap", *overrides]) == 2
+        assert message in one_error_line(capsys)
+
+
+def test_a_config_of_another_recipe_names_that_recipe(capsys, inputs):
+    assert main(["run", "eval_perplexity", "--config", "smollm2_135m"]) == 2
+    assert "config 'smollm2_135m' is a qat_recipe config: tune run qat_recipe --config smollm2_135m" in one_error_line(
+        capsys
+    )
+    main(["cp", "smollm2_135m", "copy.yaml"])
+    capsys.readouterr()
+    assert main(["run", "eval_perplexity", "--config", "copy.yaml"]) == 2
+    assert "(copy.yaml is a valid qat_recipe config: tune run qat_recipe --config copy.yaml)" in one_error_line(capsys)
+    (inputs / "copy.yaml").unlink()
+
+
+def test_debug_shows_the_traceback_of_a_one_line_error(capsys, inputs):
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        main(["--debug", "validate", "smollm2_135m", "batch_size=0"])
 
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n\n"])
@@ -101,3 +200,36 @@ def test_a_loss_that_becomes_nan_ends_in_one_line(tiny_checkpoint, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: loss became") and "lower optimizer.lr" in last
+
+
+def test_a_previous_run_is_kept_unless_overwrite(tiny_checkpoint, tiny_tokenizer, tmp_path, capsys):
+    from test_qat_recipe import tiny_overrides
+
+    out = tmp_path / "out"
+    argv = ["run", "qat_recipe", "--config", "smollm2_135m"]
+    first = tiny_overrides(tiny_checkpoint, out, "compare.baseline=false", "max_steps=1", "save_every_n_steps=1")
+    assert main([*argv, *first, "export.formats=[hf,gguf]"]) == 0
+    (out / "notes.txt").write_text("mine\n")  # not a run's file: overwrite leaves it
+    report = (out / "report.json").read_bytes()
+    capsys.readouterr()
+    # A second run into the same output_dir: refused before anything loads, the first run's files untouched.
+    assert main([*argv, *first]) == 2
+    line = one_error_line(capsys)
+    assert f"output_dir '{out}' holds a previous run (bf16_finetuned/" not in line  # only what is there
+    assert f"output_dir '{out}' holds a previous run (int4/, model-q4_0.gguf, qat/, report.json" in line
+    assert (out / "report.json").read_bytes() == report
+    # resume=true continues the checkpoints, but not with another model: one line naming what does not fit.
+    other = tmp_path / "three_layers"
+    make_tiny_llama(vocab_size=len(tiny_tokenizer), tie_word_embeddings=True, layers=3).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    resumed = tiny_overrides(other, out, "compare.baseline=false", "max_steps=2", "resume=true")
+    assert main([*argv, *resumed]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: resume=true: checkpoint {out / 'qat' / 'checkpoints' / 'step_1'} does not fit")
+    assert "model.layers.2" in last and "resume with the model and quantizer it was saved with" in last
+    # overwrite=true: the previous run's files go first (its GGUF too, which this run does not write).
+    assert main([*argv, *first, "overwrite=true"]) == 0
+    assert not (out / "model-q4_0.gguf").exists() and (out / "notes.txt").read_text() == "mine\n"
+    assert (out / "report.json").read_bytes() != report and (out / "int4" / "config.json").is_file()

@@ -23,7 +23,9 @@ def test_ls_lists_every_recipe_and_config(capsys):
 
 @pytest.mark.parametrize(("recipe", "name"), SHIPPED)
 def test_every_shipped_config_validates(recipe, name, capsys):
-    assert main(["validate", name]) == 0
+    # export's default model.path is the int4 dir a qat_recipe run writes: there after that run, not on a fresh clone
+    after_a_run = ["model.path=HuggingFaceTB/SmolLM2-135M-Instruct"] if recipe == "export" else []
+    assert main(["validate", name, *after_a_run]) == 0
     assert f"valid for recipe {recipe}" in capsys.readouterr().out
 
 

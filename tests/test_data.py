@@ -24,6 +24,7 @@ from qatune.data import (
     tokenize_and_pack_conversations,
     tokenize_conversation,
 )
+from qatune.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------------- sources
 
@@ -77,7 +78,7 @@ def test_jsonl_and_parquet_files(tmp_path):
 
 
 def test_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(ConfigError, match="nope.jsonl"):
         load_texts(DatasetConfig(path=str(tmp_path / "nope.jsonl")))
     for name in ("empty.txt", "empty.jsonl"):
         (tmp_path / name).write_text("")

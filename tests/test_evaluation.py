@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from qatune.data import python_docs
+from qatune.errors import ConfigError
 from qatune.evaluation import lm_eval_windows, perplexity
 
 
@@ -167,11 +168,15 @@ def test_lm_eval_protocol_matches_lm_evaluation_harness(tiny_llama, tiny_tokeniz
         (
             "some text",
             {"protocol": "wikitext", "seq_len": 8},
-            "unknown perplexity protocol 'wikitext'; use one of gptq",
+            "protocol 'wikitext' is not one of gptq",
         ),
         ("some text", {"stride": 8, "seq_len": 8}, "stride=8 is only used by protocol sliding"),
-        ("some text", {"protocol": "sliding", "stride": 0, "seq_len": 8}, "stride=0 must be between 1 and"),
-        ("some text", {"batch_size": 0, "seq_len": 8}, "batch_size=0 must be at least 1"),
+        (
+            "some text",
+            {"protocol": "sliding", "stride": 0, "seq_len": 8},
+            "stride=0: give an integer between 1 and",
+        ),
+        ("some text", {"batch_size": 0, "seq_len": 8}, "batch_size=0: give an integer >= 1"),
     ],
 )
 def test_bad_input_is_a_one_line_value_error(tiny_llama, tiny_tokenizer, texts, kwargs, message):
@@ -271,7 +276,10 @@ def test_eleuther_eval_unknown_task_fails_before_loading(tmp_path):
     from qatune.registry import load_recipe
 
     include_path = write_local_task(tmp_path, ["one document"])
-    cfg = eleuther_cfg(tmp_path, tmp_path / "no_such_model", include_path, tasks=["tiny_doc"])
+    model_dir = tmp_path / "not_loaded"  # passes the config's checks (a config.json); no weights: none load
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    cfg = eleuther_cfg(tmp_path, model_dir, include_path, tasks=["tiny_doc"])
     with pytest.raises(ValueError, match="unknown lm-eval task 'tiny_doc'.*did you mean tiny_docs"):
         load_recipe("eleuther_eval").main(cfg)
 
@@ -280,7 +288,8 @@ def test_eleuther_eval_config_errors(tmp_path):
     from qatune.registry import load_recipe
 
     recipe = load_recipe("eleuther_eval")
-    with pytest.raises(FileNotFoundError, match="include_path .*missing.* is not a directory"):
+    (tmp_path / "config.json").write_text("{}")  # tmp_path stands for the model directory
+    with pytest.raises(ConfigError, match="include_path .*missing.* is not a directory"):
         recipe.check_config(eleuther_cfg(tmp_path, tmp_path, str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="tasks is empty"):
         recipe.check_config(eleuther_cfg(tmp_path, tmp_path, None, tasks=[]))

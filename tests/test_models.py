@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaForSequenceClassification
 
+from qatune.errors import ConfigError
 from qatune.models import (
     GGUF_FALLBACKS,
     cache_dir,
@@ -62,13 +63,13 @@ def test_local_dir_resolves_to_itself(tiny_dir):
 
 
 def test_dir_without_config_is_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ConfigError, match="no config.json"):
         resolve_model_path(str(tmp_path))
 
 
 @pytest.mark.parametrize("path", ["/nonexistent/ckpt", "./missing_ckpt", "~/missing_ckpt_qatune", "out/a/b", "bare"])
 def test_missing_local_path_says_how_to_get_it(path, offline):
-    with pytest.raises(FileNotFoundError, match="tune download") as e:
+    with pytest.raises(ConfigError, match="tune download") as e:
         resolve_model_path(path)
     assert "\n" not in str(e.value) and repr(path) in str(e.value)
 
@@ -93,7 +94,7 @@ def test_hub_id_found_in_hf_cache(qatune_cache, tmp_path, tiny_llama, tiny_token
 
 def test_uncached_hub_id_offline_without_fallback(qatune_cache, offline, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf"))
-    with pytest.raises(FileNotFoundError, match="unreachable") as e:
+    with pytest.raises(ConfigError, match="unreachable") as e:
         resolve_model_path("someorg/some-model")
     message = str(e.value)
     assert "'someorg/some-model'" in message and "directory" in message and "\n" not in message

@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from qatune.errors import ConfigError
 from qatune.measure import current_memory, peak_memory
 from qatune.planner import GB, KNOWN_ARCHITECTURES, estimate_from_config, format_plan, model_stats, plan_memory
 
@@ -120,7 +121,7 @@ def test_local_config_json_and_bad_input(tmp_path, tiny_llama):
     assert plan["params"] == sum(p.numel() for p in tiny_llama.parameters())
     with pytest.raises(ValueError, match="unknown model 'no/such-model'"):
         plan_memory("no/such-model")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ConfigError, match="config.json"):
         plan_memory(tmp_path / "..")
     with pytest.raises(ValueError, match="unknown strategy 'zero3'"):
         plan_memory(tmp_path, strategy="zero3")

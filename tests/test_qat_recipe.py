@@ -169,6 +169,6 @@ def test_smollm2_end_to_end_few_steps(smollm2_dir, tmp_path):
     report = run_recipe(overrides)
     r = report["results"]
     assert r["bf16"]["perplexity"] < r["qat"]["perplexity"] < r["ptq"]["perplexity"] < 1000
-    expected = (r["ptq"]["perplexity"] - r["qat"]["perplexity"]) / (r["ptq"]["perplexity"] - r["bf16"]["perplexity"])
-    assert json.loads((out / "report.json").read_text())["recovery"] == pytest.approx(expected)  # vs the original
+    assert json.loads((out / "report.json").read_text())["recovery"] is None  # no fine-tuned baseline, no figure
+    assert "No recovery figure" in (out / "report.md").read_text()
     assert (out / "int4" / "config.json").is_file()

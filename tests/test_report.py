@@ -7,16 +7,18 @@ import sys
 
 import pytest
 
-from qatune.report import format_table, recovery, write_report
+from qatune.report import format_table, headline, recovery, write_report
 
 
 def results(**ppl: float) -> dict:
     return {name: {"perplexity": value} for name, value in ppl.items()}
 
 
-def test_recovery_against_the_plain_baseline():
-    assert recovery(results(bf16=10.0, ptq=20.0, qat=12.0)) == pytest.approx(0.8)
-    assert recovery(results(bf16=10.0, ptq=20.0, qat=22.0)) == pytest.approx(-0.2)  # QAT worse than PTQ
+def test_no_recovery_against_the_original_model():
+    # QAT fine-tunes; PTQ of the original does not: (20 - 12) / (20 - 10) would credit QAT with the fine-tuning.
+    r = results(bf16=10.0, ptq=20.0, qat=12.0)
+    assert recovery(r) is None
+    assert headline(r).startswith("No recovery figure: `qat` is fine-tuned, `bf16` and `ptq` are not")
 
 
 def test_recovery_against_the_finetuned_baseline():
@@ -24,6 +26,8 @@ def test_recovery_against_the_finetuned_baseline():
     r = results(bf16=10.0, ptq=20.0, qat=12.0, bf16_finetuned=8.0, ptq_finetuned=18.0)
     assert recovery(r) == pytest.approx(0.6)
     assert recovery(results(qat=12.0, bf16_finetuned=8.0, ptq_finetuned=18.0)) == pytest.approx(0.6)
+    assert recovery(results(qat=20.0, bf16_finetuned=8.0, ptq_finetuned=18.0)) == pytest.approx(-0.2)  # QAT worse
+    assert headline(r).startswith("**Recovery: 60.0%**")
 
 
 def test_recovery_is_none_when_not_computable():
@@ -81,7 +85,8 @@ def test_write_report_files(tmp_path):
     assert rows["bf16_finetuned"][1:4] == ["9.000", "-1.000", "-10.0%"]
     assert rows["bf16"][1:4] == ["10.000", "+0.000", "+0.0%"]
     assert "200.0 MiB" in rows["ptq"] and "5.00" in rows["ptq"] and "900.0 MiB" in rows["bf16"]
-    assert "**Recovery: 50.0%**" in md and "bf16_finetuned vs ptq_finetuned" in md
+    assert "**Recovery: 50.0%**" in md and "(ptq_finetuned − qat) / (ptq_finetuned − bf16_finetuned)" in md
+    assert "- `ptq`: the original model, post-training quantized" in md  # the legend says what each row is
     training = [
         cells
         for line in md.splitlines()

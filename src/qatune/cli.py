@@ -8,7 +8,8 @@
     tune run --nproc_per_node 8 qat_recipe --config llama3_8b     # DDP/FSDP2 through torchrun + accelerate
     tune estimate --config llama3_8b --nproc_per_node 8          # memory plan, no weights loaded
 
-User errors print one line `error: ...` and exit 2; set QATUNE_DEBUG=1 to see the traceback.
+User errors (the project's ConfigError / TrainingError) print one line `error: ...` and exit 2; `tune --debug ...` or
+QATUNE_DEBUG=1 shows their traceback too. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from qatune import registry
 from qatune.config import apply_overrides, load_yaml, validate
 from qatune.errors import ConfigError, TrainingError
 
-USER_ERRORS = (ConfigError, TrainingError, ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)
+USER_ERRORS = (ConfigError, TrainingError)  # raised with a message meant for the user; anything else is a bug
 
 
 def load_recipe_config(recipe: str, config: str, overrides: list[str]) -> tuple[object, DictConfig]:
@@ -62,7 +63,7 @@ def cmd_cp(args: argparse.Namespace) -> None:
     elif dest.suffix == "":
         dest = dest.with_suffix(src.suffix)
     if dest.exists() and not args.force:
-        raise FileExistsError(f"{dest} already exists; pass --force to overwrite it")
+        raise ConfigError(f"{dest} already exists; pass --force to overwrite it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.copyfile(src, tmp)
@@ -107,9 +108,33 @@ def check_launch(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{flag} {getattr(args, flag)}: give a count >= 1")
 
 
+def load_run_config(recipe: str, config: str, overrides: list[str]) -> tuple[object, DictConfig]:
+    """load_recipe_config, and when the config is another recipe's, an error that names that recipe."""
+    path = registry.find_config(config)
+    owner = registry.config_recipe(config) or registry.config_recipe(path.stem)
+    if owner and recipe in registry.list_recipes() and owner != recipe:
+        raise ConfigError(f"config {config!r} is a {owner} config: tune run {owner} --config {config}")
+    try:
+        return load_recipe_config(recipe, config, overrides)
+    except ConfigError as err:
+        for other in registry.list_recipes():
+            if other != recipe and owner is None and _valid_for(other, config, overrides):
+                hint = f"{config} is a valid {other} config: tune run {other} --config {config}"
+                raise ConfigError(f"{err} ({hint})") from None
+        raise
+
+
+def _valid_for(recipe: str, config: str, overrides: list[str]) -> bool:
+    try:
+        load_recipe_config(recipe, config, overrides)
+    except ConfigError:
+        return False
+    return True
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     check_launch(args)
-    module, cfg = load_recipe_config(args.recipe, args.config, args.overrides)  # fail fast, before any launch
+    module, cfg = load_run_config(args.recipe, args.config, args.overrides)  # fail fast, before any launch
     if args.dry_run:
         return cmd_estimate(args, cfg)
     launched = "LOCAL_RANK" in os.environ  # already a worker of torchrun / accelerate launch
@@ -156,6 +181,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tune", description="qatune: quantization-aware fine-tuning to int4")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of one-line errors too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("ls", help="list recipes and the configs each ships with").set_defaults(fn=cmd_ls)
@@ -228,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except USER_ERRORS as e:
-        if os.environ.get("QATUNE_DEBUG"):
+        if args.debug or os.environ.get("QATUNE_DEBUG"):
             raise
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

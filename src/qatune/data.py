@@ -21,6 +21,7 @@ iterates `epoch_batches(loader, epoch, skip_batches)`, which starts mid-epoch wi
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
+
+from qatune.errors import ConfigError
 
 BUILTIN = ("python_docs",)
 FORMATS = ("text", "instruct", "chat")
@@ -57,25 +60,25 @@ def check_dataset_config(cfg: DatasetConfig, section: str = "dataset") -> None:
     """Validate a dataset section (named `section` in messages, e.g. eval_dataset) without loading anything
     (recipes call it before loading weights)."""
     if cfg.format not in FORMATS:
-        raise ValueError(f"{section}.format {cfg.format!r} is not one of {', '.join(FORMATS)}")
+        raise ConfigError(f"{section}.format {cfg.format!r} is not one of {', '.join(FORMATS)}")
     if cfg.max_documents is not None and cfg.max_documents < 1:
-        raise ValueError(f"{section}.max_documents must be a positive integer or null, got {cfg.max_documents}")
+        raise ConfigError(f"{section}.max_documents must be a positive integer or null, got {cfg.max_documents}")
     if cfg.path is not None:
         path = Path(cfg.path)
         if path.suffix not in LOCAL_SUFFIXES:
-            raise ValueError(
+            raise ConfigError(
                 f"{section}.path {cfg.path!r}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}"
             )
         if not path.is_file():
-            raise FileNotFoundError(f"{section}.path {cfg.path!r} does not exist")
+            raise ConfigError(f"{section}.path {cfg.path!r} does not exist")
         if path.suffix == ".txt" and cfg.format != "text":
-            raise ValueError(
+            raise ConfigError(
                 f"{section}.path {cfg.path!r}: a .txt file holds plain text; format={cfg.format} needs rows"
             )
     elif not cfg.name:
-        raise ValueError(f"{section}: set name (python_docs or a hub dataset) or path (a local .txt/.jsonl/.parquet)")
+        raise ConfigError(f"{section}: set name (python_docs or a hub dataset) or path (a local .txt/.jsonl/.parquet)")
     elif cfg.name in BUILTIN and cfg.format != "text":
-        raise ValueError(f"{section}.name {cfg.name!r} is plain text; it has no format={cfg.format} examples")
+        raise ConfigError(f"{section}.name {cfg.name!r} is plain text; it has no format={cfg.format} examples")
 
 
 # ---------------------------------------------------------------------------------------------------- sources
@@ -90,7 +93,7 @@ def python_docs(split: str) -> list[str]:
         return docs[0::2]
     if split in ("validation", "test"):
         return docs[1::2]
-    raise ValueError(f"python_docs has splits train and validation (alias test), not {split!r}")
+    raise ConfigError(f"python_docs has splits train and validation (alias test), not {split!r}")
 
 
 def load_rows(cfg: DatasetConfig) -> Iterable[dict[str, Any]]:
@@ -101,14 +104,21 @@ def load_rows(cfg: DatasetConfig) -> Iterable[dict[str, Any]]:
     if cfg.path is not None:
         path = Path(cfg.path)
         if path.stat().st_size == 0:
-            raise ValueError(f"dataset.path {cfg.path!r} is empty")
+            raise ConfigError(f"dataset.path {cfg.path!r} is empty")
         if path.suffix == ".txt":
-            return [{"text": path.read_text(encoding="utf-8")}]
+            try:
+                return [{"text": path.read_text(encoding="utf-8")}]
+            except UnicodeDecodeError:
+                raise ConfigError(f"dataset.path {cfg.path!r}: {unreadable_line(path)}") from None
         builder = "parquet" if path.suffix == ".parquet" else "json"
+        # One pass first: pyarrow takes bytes that are not UTF-8 and fails only when that row is read, and for a
+        # bad JSON line datasets logs an error and says "An error occurred while generating the dataset", no line.
+        if builder == "json" and (bad := unreadable_line(path)):
+            raise ConfigError(f"dataset.path {cfg.path!r}: {bad}")
         try:
             rows = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as e:  # pyarrow/datasets parse errors are long and multi-line
-            raise ValueError(f"dataset.path {cfg.path!r}: cannot read it as {builder}: {_first_line(e)}") from e
+            raise ConfigError(f"dataset.path {cfg.path!r}: cannot read it as {builder}: {_first_line(e)}") from e
     elif cfg.name == "python_docs":
         rows = [{"text": t} for t in python_docs(cfg.split)]
     else:
@@ -118,7 +128,7 @@ def load_rows(cfg: DatasetConfig) -> Iterable[dict[str, Any]]:
             )
         except Exception as e:  # offline: ConnectionError; a typo: DatasetNotFoundError; a bad split: ValueError
             where = f"{cfg.name!r}" + (f" (config {cfg.config!r}, split {cfg.split!r})" if cfg.config else "")
-            raise ValueError(
+            raise ConfigError(
                 f"cannot load dataset {where}: {_first_line(e)}; offline, point dataset.path= at a local "
                 ".txt/.jsonl/.parquet file or use dataset.name=python_docs"
             ) from e
@@ -140,11 +150,11 @@ def load_texts(cfg: DatasetConfig) -> list[str]:
     texts = [row[column] for row in _checked_rows(cfg, [column])]
     bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
     if bad is not None:
-        raise ValueError(
+        raise ConfigError(
             f"dataset {_describe(cfg)} row {bad}: column {column!r} holds {type(texts[bad]).__name__}, not text"
         )
     if not any(t.strip() for t in texts):
-        raise ValueError(f"dataset {_describe(cfg)} has no text in column {column!r}")
+        raise ConfigError(f"dataset {_describe(cfg)} has no text in column {column!r}")
     return texts
 
 
@@ -158,7 +168,7 @@ def load_conversations(cfg: DatasetConfig) -> list[list[dict[str, str]]]:
         for i, row in enumerate(_checked_rows(cfg, [column])):
             messages = row[column]
             if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-                raise ValueError(f"dataset {_describe(cfg)} row {i}: {column!r} must be a list of role/content dicts")
+                raise ConfigError(f"dataset {_describe(cfg)} row {i}: {column!r} must be a list of role/content dicts")
             conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
         return conversations
     raise ValueError(f"load_conversations reads format=instruct or chat datasets; this one is format={cfg.format}")
@@ -177,16 +187,33 @@ def _checked_rows(cfg: DatasetConfig, columns: Sequence[str]) -> Iterator[dict[s
     rows = iter(load_rows(cfg))
     first = next(rows, None)
     if first is None:
-        raise ValueError(f"dataset {_describe(cfg)} has no rows")
+        raise ConfigError(f"dataset {_describe(cfg)} has no rows")
     missing = [c for c in columns if c not in first]
     if missing:
         hint = " (set dataset.column=...)" if cfg.format != "instruct" else " (format=instruct needs Alpaca columns)"
-        raise ValueError(
+        raise ConfigError(
             f"dataset {_describe(cfg)} has no column {', '.join(map(repr, missing))}; "
             f"its columns are {', '.join(map(repr, first))}{hint}"
         )
     yield first
     yield from rows
+
+
+def unreadable_line(path: Path) -> str | None:
+    """Which line of a text / JSON Lines file is not UTF-8 (or, in a .jsonl, not one JSON value): the message
+    the parsers do not give. None when every line reads."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"line {n} is not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            if path.suffix == ".jsonl" and line.strip():
+                try:
+                    json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as e:
+                    return f"line {n} is not valid JSON ({e.msg} at column {e.colno}); each line holds one JSON object"
+    return None
 
 
 def _describe(cfg: DatasetConfig) -> str:
@@ -230,7 +257,9 @@ def tokenize_conversation(
     as at inference, where the answer is generated after the separately tokenized prompt.
     """
     if tokenizer.chat_template is None:
-        raise ValueError("the tokenizer has no chat_template; format=instruct/chat needs an instruct model's tokenizer")
+        raise ConfigError(
+            "the tokenizer has no chat_template; format=instruct/chat needs an instruct model's tokenizer"
+        )
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     # Cut points: [masked, answer, masked, answer, ..., masked]; every prefix rendering must be a prefix of `full`.
     cuts = [0]
@@ -242,7 +271,7 @@ def tokenize_conversation(
             tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=False),
         ):
             if not full.startswith(prefix) or len(prefix) < cuts[-1]:
-                raise ValueError(
+                raise ConfigError(
                     "the chat template does not render a conversation's first turns as a prefix of the whole "
                     "(it rewrites earlier turns); cannot mask the prompt tokens"
                 )
@@ -275,22 +304,22 @@ def tokenize_and_pack_conversations(
     labels = _cut(torch.tensor(labels_stream, dtype=torch.long), seq_len)
     keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=1)  # the model shifts: position 0 is never a target
     if not keep.any():
-        raise ValueError("no block holds an assistant answer token to train on (are there assistant turns?)")
+        raise ConfigError("no block holds an assistant answer token to train on (are there assistant turns?)")
     return input_ids[keep], labels[keep]
 
 
 def _cut(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
     if seq_len < 1:
-        raise ValueError(f"seq_len must be a positive integer, got {seq_len}")
+        raise ConfigError(f"seq_len must be a positive integer, got {seq_len}")
     n_blocks = stream.numel() // seq_len
     if n_blocks == 0:
-        raise ValueError(f"the corpus has {stream.numel()} tokens: too few for one block of seq_len {seq_len}")
+        raise ConfigError(f"the corpus has {stream.numel()} tokens: too few for one block of seq_len {seq_len}")
     return stream[: n_blocks * seq_len].view(n_blocks, seq_len)
 
 
 def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; packing needs one to separate documents")
+        raise ConfigError("the tokenizer has no eos_token; packing needs one to separate documents")
     return tokenizer.eos_token_id
 
 

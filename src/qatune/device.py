@@ -6,20 +6,28 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import re
 
 import torch
+
+from qatune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
+def check_device(name: str) -> None:
+    """The choice itself (tune validate): auto, cpu, cuda or cuda:N; whether a GPU is there is resolve_device's."""
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is visible; use device=cpu or device=auto")
-    if name.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"device {name!r} asked for, but no CUDA GPU is visible; use device=cpu or device=auto")
     return torch.device(name)
 
 

@@ -8,3 +8,9 @@ class ConfigError(ValueError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (the loss became NaN/inf, replicas diverged)."""
+
+
+def check_at_least(key: str, value: object, least: int, note: str = "") -> None:
+    """An integer setting `key` must be >= `least` (bools are not integers here); `note` tells what else is accepted."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{key}={value!r}: give an integer >= {least}{note}")

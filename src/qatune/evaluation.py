@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from qatune.errors import ConfigError, check_at_least
+
 PROTOCOLS = ("gptq", "lm_eval", "sliding")
 IGNORE = -100  # target id of positions that are fed to the model but not scored
 
@@ -106,18 +108,18 @@ def text_windows(
     if protocol == "lm_eval":
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if prefix is None:
-            raise ValueError("protocol lm_eval needs a tokenizer with a BOS or EOS token to prefix each document")
+            raise ConfigError("protocol lm_eval needs a tokenizer with a BOS or EOS token to prefix each document")
         return [w for d in docs if d for w in lm_eval_windows(_encode(tokenizer, d), seq_len, prefix)]
     ids = _encode(tokenizer, "\n\n".join(docs))
     if protocol == "gptq":
         if len(ids) < seq_len:
-            raise ValueError(
+            raise ConfigError(
                 f"text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}; "
                 "give more text or a smaller seq_len"
             )
         return gptq_windows(ids, seq_len)
     if len(ids) < 2:
-        raise ValueError(f"text has {len(ids)} token(s); the sliding protocol needs at least 2")
+        raise ConfigError(f"text has {len(ids)} token(s); the sliding protocol needs at least 2")
     return sliding_windows(ids, seq_len, stride or seq_len)
 
 
@@ -228,22 +230,28 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, verbose=False)["input_ids"]
 
 
+def check_eval_args(seq_len: int, protocol: str, batch_size: int, stride: int | None = None, prefix: str = "") -> None:
+    """The evaluation's rules that need no model (`tune validate` and `perplexity` alike); `prefix` is the keys'
+    section, e.g. "eval." in qat_recipe."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"{prefix}protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    check_at_least(f"{prefix}seq_len", seq_len, 2)
+    check_at_least(f"{prefix}batch_size", batch_size, 1)
+    if stride is not None and protocol != "sliding":
+        raise ConfigError(f"{prefix}stride={stride} is only used by protocol sliding, not {protocol!r}")
+    if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= seq_len):
+        raise ConfigError(f"{prefix}stride={stride!r}: give an integer between 1 and seq_len={seq_len}, or null")
+
+
 def _check_args(
     model: PreTrainedModel, docs: list[str], seq_len: int, protocol: str, stride: int | None, batch_size: int
 ) -> None:
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown perplexity protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    check_eval_args(seq_len, protocol, batch_size, stride)
     if not docs or not any(docs):
-        raise ValueError("no text to evaluate: texts is empty (give a string or a non-empty list of documents)")
+        raise ConfigError("no text to evaluate: texts is empty (give a string or a non-empty list of documents)")
     if not all(isinstance(d, str) for d in docs):
         bad = next(type(d).__name__ for d in docs if not isinstance(d, str))
-        raise ValueError(f"texts must be a string or a sequence of strings, got an element of type {bad}")
+        raise ConfigError(f"texts must be a string or a sequence of strings, got an element of type {bad}")
     max_positions = getattr(model.config, "max_position_embeddings", None)
-    if not 2 <= seq_len or (max_positions is not None and seq_len > max_positions):
-        raise ValueError(f"seq_len={seq_len} must be between 2 and the model's context ({max_positions} positions)")
-    if stride is not None and protocol != "sliding":
-        raise ValueError(f"stride={stride} is only used by protocol sliding, not {protocol!r}")
-    if stride is not None and not 1 <= stride <= seq_len:
-        raise ValueError(f"stride={stride} must be between 1 and seq_len={seq_len}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    if max_positions is not None and seq_len > max_positions:
+        raise ConfigError(f"seq_len={seq_len} must be between 2 and the model's context ({max_positions} positions)")

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from qatune.errors import ConfigError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -81,9 +83,39 @@ def check_output_dir(path: str | Path) -> None:
     path through a file, or a directory this user may not write."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"output_dir {str(path)!r} is a file; give a directory (it is created if missing)")
+        raise ConfigError(f"output_dir {str(path)!r} is a file; give a directory (it is created if missing)")
     existing = next(p for p in [out, *out.parents] if p.exists())
     if not existing.is_dir():
-        raise NotADirectoryError(f"output_dir {str(path)!r}: {str(existing)!r} is a file, not a directory")
+        raise ConfigError(f"output_dir {str(path)!r}: {str(existing)!r} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"output_dir {str(path)!r}: {str(existing)!r} is not writable by this user")
+        raise ConfigError(f"output_dir {str(path)!r}: {str(existing)!r} is not writable by this user")
+
+
+def previous_run(output_dir: str | Path, patterns: tuple[str, ...]) -> list[Path]:
+    """What a previous run left in `output_dir`: the entries matching `patterns` (glob patterns, e.g. "int4")."""
+    out = Path(output_dir).expanduser()
+    if not out.is_dir():
+        return []
+    return sorted({p for pattern in patterns for p in out.glob(pattern)})
+
+
+def check_previous_run(output_dir: str | Path, patterns: tuple[str, ...], overwrite: bool, resume: bool) -> None:
+    """A run does not silently replace another's results: refused unless `overwrite` (start over) or `resume`."""
+    if overwrite and resume:
+        raise ConfigError("overwrite=true and resume=true contradict: overwrite starts over, resume continues")
+    found = previous_run(output_dir, patterns)
+    if found and not (overwrite or resume):
+        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found)
+        raise ConfigError(
+            f"output_dir {str(output_dir)!r} holds a previous run ({names}); pass overwrite=true to replace it, "
+            "resume=true to continue its checkpoints, or choose another output_dir"
+        )
+
+
+def remove_previous_run(output_dir: str | Path, patterns: tuple[str, ...]) -> None:
+    """overwrite=true: remove what a previous run wrote, so that nothing of it is left beside the new run's files."""
+    for p in previous_run(output_dir, patterns):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()

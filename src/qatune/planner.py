@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from qatune.errors import ConfigError
+
 GB = 1e9  # GPU sizes are sold in GB; every figure here is in the same unit
 FIT_FRACTION = 0.9  # the caching allocator reserves more than the tensors it holds: keep 10% headroom
 STRATEGIES = ("fsdp2", "ddp", "single")
@@ -120,11 +122,11 @@ def load_architecture(model: str | Path | dict | Any):
     path = Path(str(model))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json; the planner needs the model's config.json")
+            raise ConfigError(f"{path} has no config.json; the planner needs the model's config.json")
         return AutoConfig.from_pretrained(path)
     if str(model) in KNOWN_ARCHITECTURES:
         return load_architecture(KNOWN_ARCHITECTURES[str(model)])
-    raise ValueError(
+    raise ConfigError(
         f"unknown model {str(model)!r}: pass a local directory with a config.json, or one of "
         f"{', '.join(KNOWN_ARCHITECTURES)}"
     )
@@ -317,19 +319,21 @@ def plan_memory(
 
 def _check(*, num_gpus, strategy, dtype, optimizer, batch_size, seq_len, qat_scheme, group_size, gpu_memory_gb):
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        raise ConfigError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     if strategy == "single" and num_gpus != 1:
-        raise ValueError(f"strategy 'single' runs on one GPU, got num_gpus={num_gpus}; use fsdp2 or ddp")
+        raise ConfigError(f"strategy 'single' runs on one GPU, got num_gpus={num_gpus}; use fsdp2 or ddp")
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use bf16 (mixed precision, fp32 master weights), bf16-pure or fp32")
+        raise ConfigError(
+            f"unknown dtype {dtype!r}; use bf16 (mixed precision, fp32 master weights), bf16-pure or fp32"
+        )
     if optimizer not in OPTIMIZER_STATES:
-        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZER_STATES)}")
+        raise ConfigError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZER_STATES)}")
     if qat_scheme not in QAT_SCHEMES:
-        raise ValueError(f"unknown qat_scheme {qat_scheme!r}; use one of {', '.join(QAT_SCHEMES)}")
+        raise ConfigError(f"unknown qat_scheme {qat_scheme!r}; use one of {', '.join(QAT_SCHEMES)}")
     for name, value in (("num_gpus", num_gpus), ("batch_size", batch_size), ("seq_len", seq_len),
                         ("group_size", group_size), ("gpu_memory_gb", gpu_memory_gb)):  # fmt: skip
         if not value > 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise ConfigError(f"{name} must be positive, got {value}")
 
 
 def _advice(stats: ModelStats, knobs: dict, memory: dict, budget: float) -> list[str]:

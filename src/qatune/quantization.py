@@ -44,6 +44,7 @@ from torchao.quantization.qat import FakeQuantizedLinear, Int8DynActInt4WeightQA
 from torchao.quantization.qat.linear import enable_linear_fake_quant
 from torchao.utils import TorchAOBaseTensor
 
+from qatune.errors import ConfigError
 from qatune.files import atomic_dir
 from qatune.fused_fake_quant import fuse_fake_quant_
 
@@ -74,23 +75,23 @@ class QuantScheme:
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
-            raise ValueError(f"quantizer scheme {self.scheme!r} is not supported; use one of {', '.join(SCHEMES)}")
+            raise ConfigError(f"quantizer scheme {self.scheme!r} is not supported; use one of {', '.join(SCHEMES)}")
         if isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES:
-            raise ValueError(f"quantizer group_size {self.group_size!r} is not supported; use one of {GROUP_SIZES}")
+            raise ConfigError(f"quantizer group_size {self.group_size!r} is not supported; use one of {GROUP_SIZES}")
         if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
-            raise ValueError(
+            raise ConfigError(
                 f"quantizer skip must be a list of module-name patterns, e.g. [lm_head], not {self.skip!r}"
             )
         self.skip = list(self.skip)
         n = self.fake_quant_after_n_steps
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"quantizer fake_quant_after_n_steps must be an integer >= 0, not {n!r}")
+            raise ConfigError(f"quantizer fake_quant_after_n_steps must be an integer >= 0, not {n!r}")
         if not isinstance(self.fused, bool):
-            raise ValueError(f"quantizer fused must be true or false, not {self.fused!r}")
+            raise ConfigError(f"quantizer fused must be true or false, not {self.fused!r}")
         if not isinstance(self.range_learning, bool):
-            raise ValueError(f"quantizer range_learning must be true or false, not {self.range_learning!r}")
+            raise ConfigError(f"quantizer range_learning must be true or false, not {self.range_learning!r}")
         if self.range_learning and self.legacy is not None:
-            raise ValueError("quantizer range_learning needs the qatune form (scheme: ...), not _component_")
+            raise ConfigError("quantizer range_learning needs the qatune form (scheme: ...), not _component_")
 
     def base_config(self) -> Int8DynamicActivationIntxWeightConfig | IntxWeightOnlyConfig:
         """The torchao PTQ config that prepare, convert and PTQ all derive from."""
@@ -112,7 +113,7 @@ def resolve_quantizer(section: Mapping | None) -> QuantScheme:
     if section is None:
         return QuantScheme()
     if not isinstance(section, Mapping):
-        raise ValueError(f"quantizer must be a mapping like {{scheme: 8da4w, group_size: 32}}, not {section!r}")
+        raise ConfigError(f"quantizer must be a mapping like {{scheme: 8da4w, group_size: 32}}, not {section!r}")
     if hasattr(section, "_metadata"):  # an omegaconf DictConfig: plain containers, interpolations resolved
         from omegaconf import OmegaConf
 
@@ -121,7 +122,7 @@ def resolve_quantizer(section: Mapping | None) -> QuantScheme:
     if "_component_" not in section:
         unknown = sorted(set(section) - set(QATUNE_KEYS))
         if unknown:
-            raise ValueError(f"unknown quantizer key(s) {unknown}; accepted: {', '.join(QATUNE_KEYS)} or _component_")
+            raise ConfigError(f"unknown quantizer key(s) {unknown}; accepted: {', '.join(QATUNE_KEYS)} or _component_")
         return QuantScheme(**section)
 
     path = section.pop("_component_")
@@ -131,7 +132,7 @@ def resolve_quantizer(section: Mapping | None) -> QuantScheme:
     try:
         legacy = cls(**section)
     except TypeError as e:
-        raise ValueError(f"bad arguments {sorted(section)} for quantizer {path}: {e}") from None
+        raise ConfigError(f"bad arguments {sorted(section)} for quantizer {path}: {e}") from None
     # The int4 checkpoint is written by QATConfig's convert (see convert_to_int4), which holds exactly the legacy
     # numerics only with these defaults.
     for name, default in (
@@ -140,7 +141,7 @@ def resolve_quantizer(section: Mapping | None) -> QuantScheme:
         ("scales_precision", torch.float32),
     ):
         if getattr(legacy, name) != default:
-            raise ValueError(
+            raise ConfigError(
                 f"quantizer {path} {name}={getattr(legacy, name)!r} is not supported; leave it at {default}"
             )
     return QuantScheme(scheme="8da4w", group_size=legacy.groupsize, legacy=legacy, **qatune_kwargs)
@@ -149,7 +150,7 @@ def resolve_quantizer(section: Mapping | None) -> QuantScheme:
 def _import_legacy_quantizer(path: object) -> type:
     accepted = ", ".join(LEGACY_QUANTIZERS)
     if not isinstance(path, str):
-        raise ValueError(f"quantizer _component_ must be a dotted class path, not {path!r}; accepted: {accepted}")
+        raise ConfigError(f"quantizer _component_ must be a dotted class path, not {path!r}; accepted: {accepted}")
     if path in LEGACY_QUANTIZERS:
         return LEGACY_QUANTIZERS[path]
     cls = None
@@ -161,7 +162,7 @@ def _import_legacy_quantizer(path: object) -> type:
             cls = None
     if isinstance(cls, type) and issubclass(cls, Int8DynActInt4WeightQATQuantizer):
         return cls
-    raise ValueError(
+    raise ConfigError(
         f"quantizer _component_ {path!r} is not a supported torchao QAT quantizer; accepted: {accepted} "
         f"(or the qatune form: scheme: {' | '.join(SCHEMES)})"
     )
@@ -193,12 +194,14 @@ def float_linear_names(model: nn.Module) -> list[str]:
 def _linears_to_quantize(model: nn.Module, q: QuantScheme) -> set[str]:
     """The nn.Linear names `q` quantizes; warns once about layers whose in_features the group size does not divide."""
     if quantized_linear_names(model):
-        raise ValueError("model is already fake-quantized or quantized; start from a float model")
+        raise ConfigError("model is already fake-quantized or quantized; start from a float model")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     for pattern in q.skip:
         if not any(fnmatchcase(name, pattern) for name in linears):
             examples = ", ".join(list(linears)[-3:])
-            raise ValueError(f"quantizer skip pattern {pattern!r} matches no linear layer (names look like {examples})")
+            raise ConfigError(
+                f"quantizer skip pattern {pattern!r} matches no linear layer (names look like {examples})"
+            )
     chosen = {name for name in linears if not any(fnmatchcase(name, p) for p in q.skip)}
     if q.needs_divisible_in_features:
         odd = sorted(name for name in chosen if linears[name].in_features % q.group_size)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torchao.quantization import quantize_
 
+from qatune.errors import ConfigError
 from qatune.evaluation import perplexity
 from qatune.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from qatune.measure import tensor_bytes
@@ -57,7 +58,7 @@ def group_units(linear_names: Sequence[str], granularity: str) -> dict[str, list
 
     Linears outside the decoder blocks (lm_head) are units of their own under both granularities."""
     if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        raise ConfigError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
     units: dict[str, list[str]] = {}
     for name in linear_names:
         block = BLOCK.match(name) if granularity == "block" else None
@@ -286,7 +287,7 @@ def suggest_skip(
     """Units to keep in float: down the ranking, every unit whose quantization hurts (delta_ppl > 0) and that still
     fits both budgets (`max_layers` units, `max_mb` MB of bf16 weights; None = no limit)."""
     if max_layers is None and max_mb is None:
-        raise ValueError("budget: set max_layers (units kept in bf16) and/or max_mb (MB of bf16 weights)")
+        raise ConfigError("budget: set max_layers (units kept in bf16) and/or max_mb (MB of bf16 weights)")
     kept: list[Mapping[str, Any]] = []
     mb = 0.0
     for unit in ranked:
@@ -332,7 +333,7 @@ def analyze(
     start = time.perf_counter()
     log = log or (lambda line: None)
     if quantized_linear_names(model):
-        raise ValueError("model is already quantized; sensitivity analysis starts from a float model")
+        raise ConfigError("model is already quantized; sensitivity analysis starts from a float model")
 
     def ppl(m: nn.Module) -> dict:
         return perplexity(m, tokenizer, text, seq_len=seq_len, protocol="gptq", batch_size=batch_size, progress=False)

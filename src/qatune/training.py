@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from qatune.config import instantiate
 from qatune.device import mmap_large_cpu_tensors
-from qatune.errors import TrainingError
+from qatune.errors import ConfigError, TrainingError, check_at_least
 from qatune.files import atomic_write_json, atomic_write_text
 
 
@@ -62,15 +62,13 @@ def check_train_config(cfg: Mapping[str, Any], optimizer_cfg: Mapping[str, Any] 
         value = cfg.get(key)
         if value is None and key == "max_steps":
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            null = " (or null: `epochs` full passes)" if key == "max_steps" else ""
-            raise ValueError(f"{key}={value!r}: give an integer >= {least}{null}")
+        check_at_least(key, value, least, " (or null: `epochs` full passes)" if key == "max_steps" else "")
     clip = cfg.get("clip_grad_norm")
     if clip is not None and not _positive_number(clip):
-        raise ValueError(f"clip_grad_norm={clip!r}: give a positive number, or null for no clipping")
+        raise ConfigError(f"clip_grad_norm={clip!r}: give a positive number, or null for no clipping")
     lr = (optimizer_cfg or {}).get("lr")
     if lr is not None and not _positive_number(lr):
-        raise ValueError(f"optimizer.lr={lr!r}: give a positive finite learning rate, e.g. 2e-5")
+        raise ConfigError(f"optimizer.lr={lr!r}: give a positive finite learning rate, e.g. 2e-5")
 
 
 def _positive_number(x: Any) -> bool:
@@ -93,7 +91,7 @@ STRATEGIES = ("ddp", "fsdp2")
 
 def check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
-        raise ValueError(f"distributed.strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+        raise ConfigError(f"distributed.strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
 
 
 @dataclass
@@ -118,7 +116,7 @@ def make_accelerator(
     fsdp = None
     if strategy == "fsdp2" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process: nothing to shard
         if device.type != "cuda":
-            raise ValueError("distributed.strategy=fsdp2 needs CUDA GPUs (accelerate's FSDP runs only there); use ddp")
+            raise ConfigError("distributed.strategy=fsdp2 needs CUDA GPUs (accelerate's FSDP runs only there); use ddp")
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         fsdp = FullyShardedDataParallelPlugin(
@@ -214,7 +212,7 @@ def train(
     dataloader = build_dataloader(dataset, cfg.batch_size, seed)
     steps_per_epoch = len(dataloader) // (cfg.gradient_accumulation_steps * accelerator.num_processes)
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise ConfigError(
             f"dataset has {len(dataset)} blocks: too few for one step of batch_size {cfg.batch_size} x "
             f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} x {accelerator.num_processes} processes"
         )
@@ -230,7 +228,14 @@ def train(
     step, epoch, batch_in_epoch, tokens, losses = 0, 0, 0, 0, []
     ckpts = _checkpoints(output_dir)
     if cfg.resume and ckpts:
-        accelerator.load_state(str(ckpts[-1]))
+        try:
+            accelerator.load_state(str(ckpts[-1]))
+        except RuntimeError as e:  # load_state_dict: "size mismatch for ...", "Missing key(s) ..." (many lines)
+            detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))[:300]
+            raise ConfigError(
+                f"resume=true: checkpoint {ckpts[-1]} does not fit this model ({detail.rstrip('.')}); resume with "
+                "the model and quantizer it was saved with, or start over with overwrite=true"
+            ) from None
         state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
         step, epoch, batch_in_epoch, tokens, losses = (
             state["step"],

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
+from qatune.errors import ConfigError
 from qatune.export.executorch import export_executorch, generate_pte
 from qatune.export.gguf import FLOAT_TYPES, export_gguf, permute_for_llama_cpp
 from qatune.export.vllm import check_vllm_export, check_vllm_scheme, export_vllm
@@ -47,17 +48,17 @@ def check_export_formats(
     """One-line errors for a bad `format` / `export.formats` / `embeddings` / `vllm_scheme`, and for a quantizer
     (`scheme`, `group_size`, where known) a chosen runtime cannot hold, before any weights are loaded."""
     if embeddings not in FLOAT_TYPES:
-        raise ValueError(f"embeddings={embeddings!r}: choose one of {', '.join(FLOAT_TYPES)}")
+        raise ConfigError(f"embeddings={embeddings!r}: choose one of {', '.join(FLOAT_TYPES)}")
     check_vllm_scheme(vllm_scheme)
     for fmt in formats:
         if fmt not in EXPORT_FORMATS:
-            raise ValueError(f"format={fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+            raise ConfigError(f"format={fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
     if "gguf" in formats and scheme is not None and scheme not in ("8da4w", "4w"):
-        raise ValueError(f"format gguf: quantizer scheme {scheme} has no Q4_0 form; use 8da4w or 4w")
+        raise ConfigError(f"format gguf: quantizer scheme {scheme} has no Q4_0 form; use 8da4w or 4w")
     if "vllm" in formats and scheme is not None:
         check_vllm_export(scheme, group_size, vllm_scheme)
     if "executorch" in formats and importlib.util.find_spec("executorch") is None:
-        raise ValueError("export format executorch needs the executorch extra: pip install 'qatune[executorch]'")
+        raise ConfigError("export format executorch needs the executorch extra: pip install 'qatune[executorch]'")
 
 
 def export_model(

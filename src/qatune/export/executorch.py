@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qatune.errors import ConfigError
 from qatune.files import atomic_write_bytes
 from qatune.quantization import quantized_scheme, refuse_fake_quantized
 
@@ -66,12 +67,12 @@ def export_executorch(
 
     refuse_fake_quantized(model)
     if quantized_scheme(model) is None and not allow_float:
-        raise ValueError("model has no quantized weights: convert it (convert_to_int4) or quantize_ptq_ it first")
+        raise ConfigError("model has no quantized weights: convert it (convert_to_int4) or quantize_ptq_ it first")
     config = model.config
     if max_seq_len < 2 or max_seq_len > config.max_position_embeddings:
-        raise ValueError(f"max_seq_len={max_seq_len}: choose 2..{config.max_position_embeddings}")
+        raise ConfigError(f"max_seq_len={max_seq_len}: choose 2..{config.max_position_embeddings}")
     if (window := getattr(config, "sliding_window", None)) and window < max_seq_len:
-        raise ValueError(f"sliding_window={window}: the .pte attends to its whole cache; use max_seq_len<={window}")
+        raise ConfigError(f"sliding_window={window}: the .pte attends to its whole cache; use max_seq_len<={window}")
     model.eval().requires_grad_(False)  # loaded int4 weights may say requires_grad; export cannot unwrap those
     AttentionInterface.register("qatune_executorch", _executorch_attention)
     attention_before = config._attn_implementation

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qatune.errors import ConfigError
 from qatune.files import atomic_file
 from qatune.quantization import quantized_scheme, refuse_fake_quantized
 
@@ -56,28 +57,28 @@ def _int4_parts(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Te
     if not isinstance(weight, torch.Tensor) or weight.__class__ in (torch.Tensor, nn.Parameter):
         return None
     if not isinstance(weight, IntxUnpackedToInt8Tensor):
-        raise ValueError(
+        raise ConfigError(
             f"{name}: weight type {type(weight).__name__} has no exact GGUF form; GGUF export takes torchao's "
             "IntxUnpackedToInt8Tensor int4 weights (schemes 8da4w and 4w)"
         )
     if weight.target_dtype != torch.int4:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: {weight.target_dtype} weights (e.g. 8da8w) are not exported to GGUF Q4_0; use a 4-bit scheme "
             "(8da4w or 4w), or format=executorch / format=hf for 8-bit weights"
         )
     rows, group = weight.block_size
     if weight.qdata.ndim != 2 or rows != 1 or group % Q4_0_BLOCK:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: block size {tuple(weight.block_size)} does not map onto Q4_0 blocks; use per-group int4 with "
             "group_size 32, 64, 128 or 256"
         )
     if torch.any(weight.zero_point != 0):
-        raise ValueError(
+        raise ConfigError(
             f"{name}: asymmetric int4 (non-zero zero points) has no exact Q4_0 form; quantize weights symmetrically"
         )
     scale = weight.scale.float()
     if scale.abs().max() > torch.finfo(torch.float16).max:
-        raise ValueError(f"{name}: a group scale exceeds float16's range, so Q4_0 cannot hold it")
+        raise ConfigError(f"{name}: a group scale exceeds float16's range, so Q4_0 cannot hold it")
     return weight.qdata, scale
 
 
@@ -118,7 +119,7 @@ def pre_tokenizer_name(tokenizer) -> str:
     pre = tokenizer.backend_tokenizer.pre_tokenizer
     if type(pre).__name__ == "ByteLevel":  # a bare ByteLevel pre-tokenizer splits with GPT-2's regex
         return "gpt-2"
-    raise ValueError(
+    raise ConfigError(
         f"unknown pre-tokenizer {type(pre).__name__} for GGUF: known are {sorted(PRE_TOKENIZER_BY_HASH.values())}; "
         "pass pre_tokenizer=<llama.cpp name> to export_gguf"
     )
@@ -128,13 +129,13 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre_toke
     """Tokens, token types, merges, special ids and chat template, as convert_hf_to_gguf's `_set_vocab_gpt2`."""
     bpe = getattr(tokenizer, "backend_tokenizer", None) and tokenizer.backend_tokenizer.model
     if type(bpe).__name__ != "BPE" or bpe.byte_fallback:  # byte fallback: SentencePiece-style (Llama 2, Mistral)
-        raise ValueError(
+        raise ConfigError(
             f"GGUF export supports byte-level BPE tokenizers (SmolLM2, Llama 3); got {type(tokenizer).__name__} "
             f"with a {type(bpe).__name__} model{' with byte fallback' if getattr(bpe, 'byte_fallback', False) else ''}"
         )
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
-        raise ValueError(f"tokenizer has ids up to {max(vocab.values())}, beyond the model's vocab_size {vocab_size}")
+        raise ConfigError(f"tokenizer has ids up to {max(vocab.values())}, beyond the model's vocab_size {vocab_size}")
     by_id = {i: tok for tok, i in vocab.items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
@@ -189,7 +190,7 @@ def _rope_freqs(config) -> np.ndarray | None:
     if rope_type == "default":
         return None
     if rope_type != "llama3":
-        raise ValueError(f"rope_type {rope_type!r} is not exported to GGUF; supported: default, llama3")
+        raise ConfigError(f"rope_type {rope_type!r} is not exported to GGUF; supported: default, llama3")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -216,10 +217,10 @@ def export_gguf(
     `allow_float=True` also writes a float model (2D tensors as `embeddings`): the twin that benchmarks compare with.
     """
     if embeddings not in FLOAT_TYPES:
-        raise ValueError(f"embeddings={embeddings!r}: choose one of {', '.join(FLOAT_TYPES)}")
+        raise ConfigError(f"embeddings={embeddings!r}: choose one of {', '.join(FLOAT_TYPES)}")
     config = model.config
     if config.model_type != "llama" or type(model).__name__ != "LlamaForCausalLM":
-        raise ValueError(f"GGUF export supports LlamaForCausalLM models; got {type(model).__name__}")
+        raise ConfigError(f"GGUF export supports LlamaForCausalLM models; got {type(model).__name__}")
     refuse_fake_quantized(model)
     float_type = FLOAT_TYPES[embeddings]
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
@@ -245,7 +246,7 @@ def export_gguf(
             continue  # llama.cpp reads token_embd when output.weight is absent
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise ValueError(f"no GGUF name for tensor {hf_name!r}")
+            raise ConfigError(f"no GGUF name for tensor {hf_name!r}")
         int4 = _int4_parts(tensor, hf_name)
         heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
         n_head = next((h for key, h in heads.items() if f".{key}." in hf_name), None)
@@ -264,7 +265,7 @@ def export_gguf(
             qtype = gguf.GGMLQuantizationType.F16
         writer.add_tensor(gguf_name, _float_tensor(data, qtype), raw_dtype=qtype)
     if n_int4 == 0 and not allow_float:
-        raise ValueError(
+        raise ConfigError(
             "model has no int4 weights: convert it first (qatune.quantization.convert_to_int4 after QAT, or "
             "quantize_ptq_) so its int4 codes can be copied"
         )

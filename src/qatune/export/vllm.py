@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qatune.errors import ConfigError
 from qatune.files import atomic_dir
 from qatune.quantization import quantized_linear_names, quantized_scheme, refuse_fake_quantized
 
@@ -38,18 +39,18 @@ FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 def check_vllm_scheme(vllm_scheme: str) -> None:
     if vllm_scheme not in VLLM_SCHEMES:
-        raise ValueError(f"vllm_scheme={vllm_scheme!r}: choose one of {', '.join(VLLM_SCHEMES)}")
+        raise ConfigError(f"vllm_scheme={vllm_scheme!r}: choose one of {', '.join(VLLM_SCHEMES)}")
 
 
 def check_vllm_export(scheme: str, group_size: int, vllm_scheme: str = "w4a16") -> None:
     """One-line errors, before any weights load, for what vLLM cannot serve."""
     check_vllm_scheme(vllm_scheme)
     if scheme not in ("8da4w", "4w"):
-        raise ValueError(f"export format vllm: quantizer scheme {scheme} is not exported to vLLM; use 8da4w or 4w")
+        raise ConfigError(f"export format vllm: quantizer scheme {scheme} is not exported to vLLM; use 8da4w or 4w")
     if vllm_scheme == "w4a8" and scheme != "8da4w":
-        raise ValueError(f"vllm_scheme=w4a8 needs int8 activations, quantizer scheme 8da4w (got {scheme}); use w4a16")
+        raise ConfigError(f"vllm_scheme=w4a8 needs int8 activations, quantizer scheme 8da4w (got {scheme}); use w4a16")
     if group_size not in VLLM_GROUP_SIZES:
-        raise ValueError(
+        raise ConfigError(
             f"export format vllm: quantizer group_size {group_size} has no vLLM int4 kernel (Marlin takes 32, 64, 128; "
             f"Machete 64, 128); use group_size {', '.join(map(str, VLLM_GROUP_SIZES))}"
         )
@@ -60,11 +61,11 @@ def _int4_codes_and_scale(weight: torch.Tensor, name: str, group: int) -> tuple[
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
     if not isinstance(weight, IntxUnpackedToInt8Tensor) or weight.target_dtype != torch.int4:
-        raise ValueError(f"{name}: {type(weight).__name__} is not a torchao int4 weight (schemes 8da4w and 4w)")
+        raise ConfigError(f"{name}: {type(weight).__name__} is not a torchao int4 weight (schemes 8da4w and 4w)")
     if weight.qdata.ndim != 2 or tuple(weight.block_size) != (1, group):
-        raise ValueError(f"{name}: block size {tuple(weight.block_size)}; the export takes (1, {group}) throughout")
+        raise ConfigError(f"{name}: block size {tuple(weight.block_size)}; the export takes (1, {group}) throughout")
     if torch.any(weight.zero_point != 0):
-        raise ValueError(f"{name}: asymmetric int4 (non-zero zero points); vLLM's export takes symmetric weights")
+        raise ConfigError(f"{name}: asymmetric int4 (non-zero zero points); vLLM's export takes symmetric weights")
     return weight.qdata, weight.scale
 
 
@@ -75,7 +76,7 @@ def _check_fused_layers(quantized: set[str], linears: list[str]) -> None:
         for parts in FUSED_PROJECTIONS:
             siblings = [f"{parent}.{p}" for p in parts if f"{parent}.{p}" in linears] if leaf == parts[0] else []
             if len({s in quantized for s in siblings}) > 1:
-                raise ValueError(
+                raise ConfigError(
                     f"{', '.join(siblings)}: vLLM runs these as one fused layer, so they must be all int4 or all "
                     "float; quantizer.skip keeps only some of them float"
                 )
@@ -122,7 +123,7 @@ def export_vllm(
     refuse_fake_quantized(model)
     scheme = quantized_scheme(model)
     if scheme is None:
-        raise ValueError("model has no int4 weights: convert it first (convert_to_int4 after QAT, or quantize_ptq_)")
+        raise ConfigError("model has no int4 weights: convert it first (convert_to_int4 after QAT, or quantize_ptq_)")
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     quantized = set(quantized_linear_names(model))
     _check_fused_layers(quantized, linears)
@@ -202,7 +203,7 @@ def dequantized_model(vllm_dir: str | os.PathLike, dtype: torch.dtype = torch.bf
     missing, unexpected = model.load_state_dict(decompressed_weights(vllm_dir), strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ValueError(f"{vllm_dir}: tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
+        raise ConfigError(f"{vllm_dir}: tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()
