@@ -233,3 +233,15 @@ def test_a_previous_run_is_kept_unless_overwrite(tiny_checkpoint, tiny_tokenizer
     assert main([*argv, *first, "overwrite=true"]) == 0
     assert not (out / "model-q4_0.gguf").exists() and (out / "notes.txt").read_text() == "mine\n"
     assert (out / "report.json").read_bytes() != report and (out / "int4" / "config.json").is_file()
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+    # Only the project's own errors become one line: a ValueError from anywhere else (here a recipe's bug) is raised
+    # through, traceback and all, instead of being flattened into "error: ..." as every ValueError once was.
+    recipe = tmp_path / "buggy_recipe.py"
+    recipe.write_text("def main(cfg):\n    raise ValueError('an internal bug')\n")
+    config = tmp_path / "buggy.yaml"
+    config.write_text("seed: 0\n")
+    with pytest.raises(ValueError, match="an internal bug") as e:
+        main(["run", str(recipe), "--config", str(config)])
+    assert not isinstance(e.value, ConfigError)
