@@ -43,8 +43,10 @@ from qatune.runtimes import RUNTIME_MODULES, measure_runtime, runtime_installed
 from qatune.training import (
     DistributedConfig,
     TrainConfig,
+    check_resume,
     check_strategy,
     check_train_config,
+    latest_checkpoint,
     make_accelerator,
     train,
 )
@@ -110,6 +112,8 @@ def check_config(cfg: DictConfig) -> None:
     check_device(cfg.device)
     check_output_dir(cfg.output_dir)
     check_previous_run(cfg.output_dir, RUN_FILES, overwrite=cfg.overwrite, resume=cfg.resume)
+    if unknown := sorted(set(cfg.resume_allow_changes) - set(RUN_IDENTITY_KEYS)):
+        raise ConfigError(f"resume_allow_changes: {', '.join(unknown)} not among {', '.join(RUN_IDENTITY_KEYS)}")
     q = resolve_quantizer(cfg.quantizer)
     check_model_config(cfg.model)
     check_dataset_config(cfg.dataset)
@@ -122,6 +126,30 @@ def check_config(cfg: DictConfig) -> None:
     check_export_formats(list(e.formats), e.embeddings, q.scheme, q.group_size, e.vllm_scheme)
     if not 0 <= cfg.self_distillation <= 1:
         raise ConfigError(f"self_distillation={cfg.self_distillation}: choose a weight in [0, 1] (0 = off)")
+
+
+# What defines a training run: resume=true refuses a checkpoint saved with other values of these
+# (resume_allow_changes names the ones to change on purpose). max_steps, logging, eval and export may change.
+RUN_IDENTITY_KEYS = ("model.path", "model.revision", "quantizer", "self_distillation", "batch_size",
+                     "gradient_accumulation_steps", "world_size", "seq_len", "dataset", "seed", "optimizer",
+                     "lr_scheduler", "clip_grad_norm", "epochs")  # fmt: skip
+
+
+def run_identity(cfg: DictConfig, world_size: int, run: str) -> dict[str, Any]:
+    """RUN_IDENTITY_KEYS' values for `run` (qat or bf16_finetuned, which has no quantizer)."""
+    path = Path(cfg.model.path).expanduser()
+    values = {
+        "model.path": str(path.resolve()) if path.is_dir() else cfg.model.path,  # a hub id stays an id
+        "model.revision": cfg.model.revision,
+        "quantizer": OmegaConf.to_container(cfg.quantizer, resolve=True) if run == "qat" else None,
+        "self_distillation": cfg.self_distillation if run == "qat" else 0.0,
+        "world_size": world_size,
+    }
+    for key in RUN_IDENTITY_KEYS:
+        if key not in values:
+            value = cfg[key]
+            values[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return values
 
 
 def served_results(exported: dict[str, Path], tokenizer, eval_texts: list[str], e: DictConfig) -> dict:
@@ -160,6 +188,10 @@ def main(cfg: DictConfig) -> dict:
     if cfg.overwrite and main_process:
         remove_previous_run(out, RUN_FILES)
     accelerator.wait_for_everyone()
+    runs = ["bf16_finetuned", "qat"] if cfg.compare.finetune_baseline else ["qat"]
+    for name in runs if cfg.resume else []:  # before anything loads: a checkpoint of another run is refused now
+        if (ckpt := latest_checkpoint(out / name)) is not None:
+            check_resume(ckpt, run_identity(cfg, accelerator.num_processes, name), cfg.resume_allow_changes)
     tokenizer = load_tokenizer(cfg.model.path, revision=cfg.model.revision)
     train_data = build_dataset(cfg.dataset, tokenizer, cfg.seq_len)
     eval_texts = load_texts(cfg.eval_dataset)
@@ -193,6 +225,7 @@ def main(cfg: DictConfig) -> dict:
             model, train_data, cfg=train_cfg, optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.lr_scheduler,
             accelerator=accelerator, output_dir=out / name, seed=cfg.seed, on_step=on_step, run_name=name,
             rebuild=rebuild, eval_dataset=val_data, loss_fn=loss_fn,
+            run_identity=run_identity(cfg, accelerator.num_processes, name),
         )  # fmt: skip
         return model, {k: v for k, v in vars(run).items() if k != "losses"}
 

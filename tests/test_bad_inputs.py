@@ -218,16 +218,25 @@ def test_a_previous_run_is_kept_unless_overwrite(tiny_checkpoint, tiny_tokenizer
     assert f"output_dir '{out}' holds a previous run (bf16_finetuned/" not in line  # only what is there
     assert f"output_dir '{out}' holds a previous run (int4/, model-q4_0.gguf, qat/, report.json" in line
     assert (out / "report.json").read_bytes() == report
-    # resume=true continues the checkpoints, but not with another model: one line naming what does not fit.
+    # resume=true with the same run: its checkpoint is at the last step, and the run says so (then evaluates, saves).
+    assert main([*argv, *first, "resume=true"]) == 0
+    assert "the checkpoint is at the run's last step (1): no step left to train" in capsys.readouterr().out
+    report = (out / "report.json").read_bytes()
+    # resume=true continues the checkpoints, but not with another model: one line naming it, before it loads.
     other = tmp_path / "three_layers"
     make_tiny_llama(vocab_size=len(tiny_tokenizer), tie_word_embeddings=True, layers=3).save_pretrained(other)
     tiny_tokenizer.save_pretrained(other)
+    capsys.readouterr()  # save_pretrained's progress bar
     resumed = tiny_overrides(other, out, "compare.baseline=false", "max_steps=2", "resume=true")
     assert main([*argv, *resumed]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(f"error: resume=true: checkpoint {out / 'qat' / 'checkpoints' / 'step_1'} does not fit")
+    line = one_error_line(capsys)
+    ckpt = out / "qat" / "checkpoints" / "step_1"
+    assert line.startswith(f"error: resume=true: {ckpt} was saved with model.path='{tiny_checkpoint}', this run has ")
+    assert f"model.path='{other}'; resume with the same value, add model.path to resume_allow_changes" in line
+    # Allowed on purpose, the weights themselves do not fit: that too is one line, naming the first key.
+    assert main([*argv, *resumed, "resume_allow_changes=[model.path]"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: resume=true: checkpoint {ckpt} does not fit this model (")
     assert "model.layers.2" in last and "resume with the model and quantizer it was saved with" in last
     # overwrite=true: the previous run's files go first (its GGUF too, which this run does not write).
     assert main([*argv, *first, "overwrite=true"]) == 0

@@ -1,6 +1,7 @@
 """The accelerate training loop: resume equals an uninterrupted run, NaN stops cleanly, accumulation is exact."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +99,56 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
     assert state["step"] == bad_step - 1 and all(torch.isfinite(torch.tensor(state["losses"])))
     assert not list((tmp_path / "nan" / "checkpoints").glob(".*tmp"))  # no half-written checkpoint left
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    from qatune.errors import ConfigError
+    from qatune.training import check_resume
+
+    ckpt = tmp_path / "step_4"
+    ckpt.mkdir()
+    run = {"batch_size": 4, "world_size": 2, "quantizer": {"scheme": "8da4w", "group_size": 32}, "seq_len": 512}
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "run": run}))
+    check_resume(ckpt, dict(run))  # the same run: fine
+    with pytest.raises(ConfigError, match=r"saved with world_size=2, this run has world_size=1; resume with the same"):
+        check_resume(ckpt, run | {"world_size": 1})
+    with pytest.raises(ConfigError, match=r"quantizer=\{'scheme': '8da4w', 'group_size': 32\}, this run has quantizer"):
+        check_resume(ckpt, run | {"quantizer": {"scheme": "4w", "group_size": 32}})
+    check_resume(ckpt, run | {"batch_size": 2}, allow=["batch_size"])  # changed on purpose
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4}))  # saved before runs were stored
+    check_resume(ckpt, run | {"batch_size": 2})
+
+
+def _check_shared(rank: int, world: int, port: int, dirs: list[str]) -> None:
+    import os
+
+    from accelerate import Accelerator
+
+    from qatune.training import check_shared_output_dir
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    accelerator = Accelerator(cpu=True)
+    check_shared_output_dir(accelerator, Path(dirs[rank]))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_multi_process_run_needs_an_output_dir_every_rank_sees(tmp_path, shared):
+    # Two gloo processes. Not shared: each rank is given its own directory, as two nodes without a shared
+    # filesystem each have their own disk; rank 1 cannot see rank 0's token and every rank refuses.
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dirs = [str(tmp_path / "out")] * 2 if shared else [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    for d in dirs:
+        Path(d).mkdir(exist_ok=True)
+    if shared:
+        mp.spawn(_check_shared, args=(2, port, dirs), nprocs=2)
+        assert list((tmp_path / "out").iterdir()) == []  # the token is gone
+    else:
+        with pytest.raises(mp.ProcessRaisedException, match=r"rank\(s\) \[1\] do not see the files rank 0 writes"):
+            mp.spawn(_check_shared, args=(2, port, dirs), nprocs=2)

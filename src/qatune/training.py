@@ -45,6 +45,7 @@ class TrainConfig:
     save_every_n_steps: int = 0  # 0 = never (checkpoints for resume)
     keep_last_n_checkpoints: int = 1
     resume: bool = False
+    resume_allow_changes: list[str] = field(default_factory=list)  # run-defining keys resume may change
     trackers: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, ...
 
 
@@ -158,6 +159,55 @@ def _checkpoints(output_dir: Path) -> list[Path]:
     return sorted(ckpts, key=lambda p: int(p.name.split("_")[1]))
 
 
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ckpts = _checkpoints(Path(output_dir))
+    return ckpts[-1] if ckpts else None
+
+
+def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
+    """Rank 0 writes the checkpoints and every rank reads them on resume: with several processes every rank must
+    see rank 0's `output_dir` (on several nodes, a filesystem they all mount). Checked with a token rank 0 writes,
+    so that a run refuses at start instead of the other nodes restarting at step 0 on resume."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast_object_list
+
+    token = output_dir / ".qatune_shared_check"
+    expected = [f"{os.getpid()}-{time.time_ns()}" if accelerator.is_main_process else None]
+    if accelerator.is_main_process:
+        atomic_write_text(token, expected[0])
+    broadcast_object_list(expected)  # also the barrier: rank 0 has written the token
+    seen = token.read_text() if token.is_file() else None
+    flags = accelerator.gather(torch.tensor([int(seen == expected[0])], device=accelerator.device)).cpu().tolist()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        token.unlink(missing_ok=True)
+    if not all(flags):
+        blind = [rank for rank, ok in enumerate(flags) if not ok]
+        raise ConfigError(
+            f"output_dir {str(output_dir)!r}: rank(s) {blind} do not see the files rank 0 writes there; checkpoints "
+            "of a multi-node run need output_dir on a filesystem every node mounts, or save_every_n_steps=0 and "
+            "resume=false"
+        )
+
+
+def check_resume(checkpoint: Path, run: Mapping[str, Any], allow: list[str] | tuple[str, ...] = ()) -> None:
+    """A checkpoint continues only the run that saved it: each key of `run` (what defines the run: model, scheme,
+    batch, accumulation, world size, seq_len, data, optimizer, ...) must equal what the checkpoint stored, unless
+    named in `allow` (resume_allow_changes). Checkpoints that stored no run (older ones) are not compared."""
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("run")
+    if saved is None:
+        return
+    for key, value in run.items():
+        value = json.loads(json.dumps(value, default=str))  # as stored: tuples are lists, paths strings
+        if key not in allow and saved.get(key) != value:
+            raise ConfigError(
+                f"resume=true: {checkpoint} was saved with {key}={saved.get(key)!r}, this run has {key}={value!r}; "
+                f"resume with the same value, add {key} to resume_allow_changes to change it on purpose, or start "
+                "over with overwrite=true"
+            )
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: Mapping[str, Any], keep: int) -> Path:
     """Weights, optimizer, scheduler, RNG and data position, written to a temp dir then renamed (all ranks call)."""
     final = output_dir / "checkpoints" / f"step_{state['step']}"
@@ -191,12 +241,14 @@ def train(
     run_name: str = "train",
     rebuild: Callable[[dict], torch.nn.Module] | None = None,
     loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
+    run_identity: Mapping[str, Any] | None = None,
 ) -> tuple[torch.nn.Module | None, TrainResult]:
     """Train `model` in place.
 
     `on_step(model, step)` runs before each optimizer step's first micro-batch: the recipe uses it to switch fake
     quantization on after N steps, and on resume it is called again for the restored step. `loss_fn(model, batch)`
-    replaces the plain next-token loss (the recipe's self-distillation).
+    replaces the plain next-token loss (the recipe's self-distillation). `run_identity` (what defines the run) is
+    stored in every checkpoint, and resume refuses a checkpoint saved with other values (`check_resume`).
 
     Returns the trained, unwrapped model and the run's figures. Under FSDP2 each rank holds only shards: the full
     weights are gathered and `rebuild(state_dict)` makes the whole model on rank 0 (other ranks get None).
@@ -226,8 +278,14 @@ def train(
     )
 
     step, epoch, batch_in_epoch, tokens, losses = 0, 0, 0, 0, []
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.save_every_n_steps or cfg.resume:
+        check_shared_output_dir(accelerator, output_dir)
     ckpts = _checkpoints(output_dir)
     if cfg.resume and ckpts:
+        if run_identity is not None:
+            check_resume(ckpts[-1], run_identity, cfg.resume_allow_changes)
         try:
             accelerator.load_state(str(ckpts[-1]))
         except RuntimeError as e:  # load_state_dict: "size mismatch for ...", "Missing key(s) ..." (many lines)
@@ -245,12 +303,14 @@ def train(
             state["losses"],
         )
         accelerator.print(f"resumed from {ckpts[-1]} (step {step})")
+        if step >= total_steps:
+            where = "at" if step == total_steps else "past"
+            accelerator.print(f"the checkpoint is {where} the run's last step ({total_steps}): no step left to train")
     elif cfg.resume:
         accelerator.print(f"resume=true but no checkpoint in {output_dir / 'checkpoints'}: starting from step 0")
 
     metrics_path = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         # A fresh run starts a fresh log; a resumed one drops what was logged after its checkpoint.
         old = metrics_path.read_text().splitlines() if step and metrics_path.exists() else []
         kept = [r for r in old if json.loads(r)["step"] <= step]
@@ -332,6 +392,7 @@ def train(
                     "batch_in_epoch": batch_in_epoch,
                     "tokens": tokens,
                     "losses": losses,
+                    "run": dict(run_identity or {}),
                 }
                 save_checkpoint(accelerator, output_dir, state, cfg.keep_last_n_checkpoints)
             if step >= total_steps:
