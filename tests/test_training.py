@@ -152,3 +152,70 @@ def test_a_multi_process_run_needs_an_output_dir_every_rank_sees(tmp_path, share
     else:
         with pytest.raises(mp.ProcessRaisedException, match=r"rank\(s\) \[1\] do not see the files rank 0 writes"):
             mp.spawn(_check_shared, args=(2, port, dirs), nprocs=2)
+
+
+class MaskedBlocks(Blocks):
+    """Blocks whose first tokens are masked (-100) by very different amounts, as prompts are in instruct data:
+    1, 31, 16 and 28 target tokens."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        labels = item["labels"].clone()
+        labels[: [31, 1, 16, 4][i % 4]] = -100
+        return {"input_ids": item["input_ids"], "labels": labels}
+
+
+SGD = {"_component_": "torch.optim.SGD", "lr": 0.5}
+
+
+def one_masked_step(out, **overrides):
+    cfg = TrainConfig(**{"max_steps": 1, "clip_grad_norm": None, **overrides})
+    acc = make_accelerator(torch.device("cpu"), cfg.gradient_accumulation_steps, str(out))
+    model, result = train(
+        make_tiny_llama(seed=1), MaskedBlocks(n=4), cfg=cfg, optimizer_cfg=SGD, scheduler_cfg=None, accelerator=acc,
+        output_dir=out, seed=0,
+    )  # fmt: skip
+    return model, result
+
+
+def _masked_step_on_rank(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    model, result = one_masked_step(Path(out), batch_size=1, gradient_accumulation_steps=4 // world)
+    if rank == 0:
+        torch.save({"state": model.state_dict(), "losses": result.losses}, Path(out) / "rank0.pt")
+
+
+def test_the_loss_is_normalised_by_target_tokens_across_micro_batches(tmp_path):
+    # batch 1 x 4 accumulation steps must give the gradient of one batch of 4: the mean over all 76 target tokens,
+    # not the mean of four per-micro-batch means (where the block with 1 target token weighs like the full ones).
+    # SGD, so that the weights after a step are the gradient (Adam's first step would hide its scale).
+    big, big_run = one_masked_step(tmp_path / "big", batch_size=4)
+    acc, acc_run = one_masked_step(tmp_path / "acc", batch_size=1, gradient_accumulation_steps=4)
+    start = make_tiny_llama(seed=1)
+    moved = [(b - s).abs().max().item() for b, s in zip(big.parameters(), start.parameters(), strict=True)]
+    assert max(moved) > 1e-3  # the step did move the weights
+    for b, a in zip(big.parameters(), acc.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert acc_run.losses == pytest.approx(big_run.losses, rel=1e-5)  # the logged loss is the token mean too
+
+
+def test_the_loss_is_normalised_by_target_tokens_across_ranks(tmp_path):
+    # Two gloo processes, batch 1 x 2 accumulation steps each: the same global batch of the 4 masked blocks, so the
+    # same step as one process with batch 4 (DDP averages over ranks; the token count is summed over them).
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_masked_step_on_rank, args=(2, port, str(tmp_path / "two")), nprocs=2)
+    two = torch.load(tmp_path / "two" / "rank0.pt")
+    big, big_run = one_masked_step(tmp_path / "big", batch_size=4)
+    for name, b in big.state_dict().items():
+        torch.testing.assert_close(two["state"][name], b, rtol=1e-4, atol=1e-6)
+    assert two["losses"] == pytest.approx(big_run.losses, rel=1e-5)

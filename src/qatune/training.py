@@ -164,6 +164,21 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+IGNORE_INDEX = -100  # labels that are not trained on (prompts, padding), as in transformers' loss
+
+
+def normalize_gradients(model: torch.nn.Module, accelerator: Accelerator, targets: torch.Tensor) -> torch.Tensor:
+    """Turn the accumulated gradient of summed losses into the gradient of the mean over every target token of the
+    optimizer step, on every rank; returns that token count. accelerate divided each micro-batch's loss by
+    gradient_accumulation_steps and DDP/FSDP average over ranks, so the factor is accumulation x world / tokens."""
+    total = accelerator.reduce(targets.to(accelerator.device).float(), reduction="sum")
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / max(total.item(), 1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale)  # a Python float: plain and DTensor (FSDP2) gradients alike
+    return total
+
+
 def check_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
     """Rank 0 writes the checkpoints and every rank reads them on resume: with several processes every rank must
     see rank 0's `output_dir` (on several nodes, a filesystem they all mount). Checked with a token rank 0 writes,
@@ -326,7 +341,11 @@ def train(
     device = accelerator.device
     bar = tqdm(total=total_steps, initial=step, desc=run_name, disable=not accelerator.is_main_process)
     start, start_tokens = time.perf_counter(), tokens
-    step_losses: list[torch.Tensor] = []  # micro-batch losses of the optimizer step in progress
+    # The optimizer step in progress: its micro-batches' summed losses and target-token counts. The step's loss is
+    # sum / (target tokens across its micro-batches and ranks), as one big batch's mean would be: a micro-batch with
+    # few answer tokens (masked instruct data) weighs by its tokens, not as much as a full one.
+    step_losses: list[torch.Tensor] = []
+    step_targets: list[torch.Tensor] = []
     while step < total_steps:
         dataloader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(dataloader, batch_in_epoch) if batch_in_epoch else dataloader
@@ -334,22 +353,29 @@ def train(
             if on_step is not None and not step_losses:
                 on_step(accelerator.unwrap_model(model), step)
             with accelerator.accumulate(model):
+                targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # logit t predicts token t + 1
                 if loss_fn is None:
                     loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
                 else:
                     loss = loss_fn(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.clip_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                loss_sum = loss * targets  # both return the mean over this micro-batch's target tokens
+                accelerator.backward(loss_sum)
+                step_losses.append(loss_sum.detach())
+                step_targets.append(targets)
+                if accelerator.sync_gradients:
+                    step_targets_total = normalize_gradients(model, accelerator, torch.stack(step_targets).sum())
+                    if cfg.clip_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             batch_in_epoch += 1
             tokens += batch["input_ids"].numel() * world
-            step_losses.append(loss.detach())
             if not accelerator.sync_gradients:
                 continue
-            loss_value = accelerator.reduce(torch.stack(step_losses).mean(), reduction="mean").item()
-            step_losses = []
+            loss_value = (
+                accelerator.reduce(torch.stack(step_losses).sum(), reduction="sum") / step_targets_total
+            ).item()
+            step_losses, step_targets = [], []
             if not math.isfinite(loss_value):
                 good = _checkpoints(output_dir)
                 where = f"last good checkpoint: {good[-1]}" if good else "no checkpoint was saved"
