@@ -270,15 +270,17 @@ def main(cfg: DictConfig) -> dict:
         "training_runs": training,
     }
     if main_process:
+        # 4. Convert and save the int4 checkpoint first (the evaluation of a big model takes long), then evaluate it,
+        # write the report and export the same int4 codes to the runtimes asked for.
         convert_to_int4(enable_fake_quant(model, True), q)
+        save_quantized(model, tokenizer, out / "int4")
+        print(f"int4 checkpoint: {out / 'int4'}")
         results["qat"] = evaluate(model)
         report |= {"recovery": recovery(results), "wall_s": time.perf_counter() - start}
-        # 4. Save the int4 checkpoint and the report; export the same int4 codes to the runtimes asked for.
-        save_quantized(model, tokenizer, out / "int4")
         write_report(report, out)
         print(format_table(results))
         print(headline(results).replace("**", ""))
-        print(f"int4 checkpoint: {out / 'int4'}   report: {out / 'report.md'}")
+        print(f"report: {out / 'report.md'}")
         e, exported = cfg.export, {}
         for fmt in [f for f in dict.fromkeys(e.formats) if f != "hf"]:
             exported[fmt] = export_model(

@@ -219,3 +219,17 @@ def test_the_loss_is_normalised_by_target_tokens_across_ranks(tmp_path):
     for name, b in big.state_dict().items():
         torch.testing.assert_close(two["state"][name], b, rtol=1e-4, atol=1e-6)
     assert two["losses"] == pytest.approx(big_run.losses, rel=1e-5)
+
+
+def test_a_runs_peak_memory_is_its_own(tmp_path):
+    # The process held 512 MiB more before this run (as the baselines' models are before QAT): the run's peak
+    # leaves it out. ru_maxrss, the process's lifetime peak, did not.
+    from qatune.measure import current_memory
+
+    spike = torch.ones(2**27)  # 512 MiB, touched
+    before = current_memory()
+    del spike
+    _, result = run(tmp_path, "a", max_steps=1)
+    assert result.peak_memory_bytes < before - 2**28
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["peak_memory_bytes"] <= result.peak_memory_bytes

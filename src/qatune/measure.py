@@ -156,6 +156,30 @@ def current_memory(device: torch.device | str = "cpu") -> int:
     return psutil.Process().memory_info().rss
 
 
+def reset_peak_memory(device: torch.device | str = "cpu") -> bool:
+    """Start a new peak on `device`: CUDA's peak stats, or this process's RSS high-water mark (Linux), after freed
+    heap pages went back to the OS. False where the CPU peak cannot be reset (peak_memory_since_reset is then the
+    process's lifetime peak)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    release_free_heap()
+    return _STATUS.exists() and _reset_vm_hwm()
+
+
+def peak_memory_since_reset(device: torch.device | str = "cpu") -> int:
+    """Peak bytes in use since reset_peak_memory(device): CUDA allocated memory, or the process's peak RSS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if _STATUS.exists():
+        return _vm_hwm()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def peak_memory(
     fn: Callable[[], Any], device: torch.device | str = "cpu", interval_s: float = 0.001
 ) -> tuple[Any, int]:

@@ -27,6 +27,7 @@ from qatune.config import instantiate
 from qatune.device import mmap_large_cpu_tensors
 from qatune.errors import ConfigError, TrainingError, check_at_least
 from qatune.files import atomic_write_json, atomic_write_text
+from qatune.measure import peak_memory_since_reset, reset_peak_memory
 
 
 @dataclass
@@ -144,14 +145,6 @@ def make_accelerator(
 def build_dataloader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
@@ -339,6 +332,9 @@ def train(
     )
 
     device = accelerator.device
+    # This run's own peak (its model, optimizer, activations), not the process's: the baselines and an earlier
+    # fine-tune in the same process would otherwise count.
+    reset_peak_memory(device)
     bar = tqdm(total=total_steps, initial=step, desc=run_name, disable=not accelerator.is_main_process)
     start, start_tokens = time.perf_counter(), tokens
     # The optimizer step in progress: its micro-batches' summed losses and target-token counts. The step's loss is
@@ -394,7 +390,7 @@ def train(
                 "lr": optimizer.param_groups[0]["lr"],
                 "tokens": tokens,
                 "tokens_per_s": (tokens - start_tokens) / max(elapsed, 1e-9),
-                "peak_memory_bytes": peak_memory_bytes(device),
+                "peak_memory_bytes": peak_memory_since_reset(device),
             }
             if cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0 and eval_loader is not None:
                 record["val_loss"] = validation_loss(model, eval_loader, cfg.eval_batches, accelerator)
@@ -448,7 +444,7 @@ def train(
         tokens=tokens,
         wall_s=wall,
         tokens_per_s=(tokens - start_tokens) / max(wall, 1e-9),
-        peak_memory_bytes=peak_memory_bytes(device),
+        peak_memory_bytes=peak_memory_since_reset(device),
         final_loss=losses[-1] if losses else float("nan"),
         losses=losses,
     )
