@@ -218,10 +218,20 @@ class _FakeQuantizedLinearFunction(torch.autograd.Function):
         ctx.specs = (act_spec, weight_spec)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, w_scale, w_zero_point)
+        # Under autocast F.linear runs in its dtype (bf16) whatever x's and the weight's dtype (fp32 master weights):
+        # the backward products must too, as torch.amp.custom_bwd does (it needs the device type fixed up front).
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return F.linear(x_fq, w_fq, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return _FakeQuantizedLinearFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x, weight, w_scale, w_zero_point = ctx.saved_tensors
         act_spec, weight_spec = ctx.specs
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -237,19 +247,20 @@ class _FakeQuantizedLinearFunction(torch.autograd.Function):
             x_fq2 = _SharedActivation.get(x, act_spec, ctx.x_qparams)[0]
 
         # The products autograd takes for F.linear (mm's backward), so the sums run in the same order.
+        # Each gradient in its input's dtype before the straight-through mask, as autocast's cast back would give.
         if need_x:
-            grad_x = grad2.mm(w_fq)
+            grad_x = grad2.mm(w_fq).to(x.dtype)
             if act_spec is not None:
                 grad_x = _Kernels.run(_straight_through, x2, act_spec, *ctx.x_qparams, grad_x)
             grad_x = grad_x.view(x.shape)
         if need_w:
-            grad_w = grad2.t().mm(x_fq2)
+            grad_w = grad2.t().mm(x_fq2).to(weight.dtype)
             if weight_spec is not None:
                 grad_w = _weight_groups(grad_w, weight_spec)
                 grad_w = _Kernels.run(_straight_through, w2, weight_spec, w_scale, w_zero_point, grad_w)
                 grad_w = grad_w.view(weight.shape)
         if need_b and ctx.has_bias:
-            grad_b = grad2.sum(0)
+            grad_b = grad2.sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
