@@ -234,6 +234,157 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: Mapping[s
     return final
 
 
+@dataclass
+class RunState:
+    """Where a run is, as its checkpoints store it (trainer_state.json, beside accelerate's weights, optimizer,
+    scheduler and RNG state): the step, the data position and the losses so far."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def save(self, accelerator: Accelerator, output_dir: Path, keep: int, run: Mapping[str, Any] | None) -> Path:
+        state = {k: getattr(self, k) for k in self.__dataclass_fields__} | {"run": dict(run or {})}
+        return save_checkpoint(accelerator, output_dir, state, keep)
+
+    @classmethod
+    def resume(
+        cls, accelerator: Accelerator, output_dir: Path, cfg: TrainConfig, run: Mapping[str, Any] | None
+    ) -> RunState:
+        """With cfg.resume, the last checkpoint loaded into the prepared objects and its state; else step 0."""
+        if cfg.save_every_n_steps or cfg.resume:
+            check_shared_output_dir(accelerator, output_dir)
+        ckpt = latest_checkpoint(output_dir)
+        if not cfg.resume:
+            return cls()
+        if ckpt is None:
+            accelerator.print(f"resume=true but no checkpoint in {output_dir / 'checkpoints'}: starting from step 0")
+            return cls()
+        if run is not None:
+            check_resume(ckpt, run, cfg.resume_allow_changes)
+        try:
+            accelerator.load_state(str(ckpt))
+        except RuntimeError as e:  # load_state_dict: "size mismatch for ...", "Missing key(s) ..." (many lines)
+            detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))[:300]
+            raise ConfigError(
+                f"resume=true: checkpoint {ckpt} does not fit this model ({detail.rstrip('.')}); resume with "
+                "the model and quantizer it was saved with, or start over with overwrite=true"
+            ) from None
+        saved = json.loads((ckpt / "trainer_state.json").read_text())
+        accelerator.print(f"resumed from {ckpt} (step {saved['step']})")
+        return cls(**{k: saved[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Prepared:
+    """A run's objects after accelerator.prepare, and its number of optimizer steps."""
+
+    model: torch.nn.Module
+    optimizer: Any
+    dataloader: Any
+    scheduler: Any
+    eval_loader: Any
+    total_steps: int
+
+
+def prepare(
+    model: torch.nn.Module, dataset: Dataset, cfg: TrainConfig, optimizer_cfg: Mapping[str, Any],
+    scheduler_cfg: Mapping[str, Any] | None, accelerator: Accelerator, seed: int, eval_dataset: Dataset | None,
+) -> Prepared:  # fmt: skip
+    """Set-up: optimizer over the trainable parameters, seedable data order, schedule, accelerate's wrapping."""
+    if accelerator.device.type == "cpu":
+        mmap_large_cpu_tensors()  # activations freed each step go back to the OS, not into a fragmented heap
+    if cfg.activation_checkpointing and not accelerator.is_fsdp2:  # FSDP2 applies its own
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = instantiate(optimizer_cfg, [p for p in model.parameters() if p.requires_grad])
+    dataloader = build_dataloader(dataset, cfg.batch_size, seed)
+    steps_per_epoch = len(dataloader) // (cfg.gradient_accumulation_steps * accelerator.num_processes)
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"dataset has {len(dataset)} blocks: too few for one step of batch_size {cfg.batch_size} x "
+            f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} x {accelerator.num_processes} processes"
+        )
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    scheduler = instantiate(scheduler_cfg, optimizer, num_training_steps=total_steps) if scheduler_cfg else None
+    if scheduler is None:  # constant lr: one code path
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    eval_loader = None
+    if eval_dataset is not None:
+        eval_loader = accelerator.prepare(DataLoader(eval_dataset, batch_size=cfg.batch_size))
+    return Prepared(model, optimizer, dataloader, scheduler, eval_loader, total_steps)
+
+
+def forward_backward(
+    p: Prepared, batch: dict, accelerator: Accelerator, cfg: TrainConfig, loss_fn: Callable | None,
+    step_targets: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """One micro-batch: forward, backward of its loss summed over target tokens, and on the optimizer step's last
+    micro-batch the token normalisation, clipping and step. Returns (its summed loss, the step's target tokens over
+    all micro-batches and ranks, or None before the last micro-batch); `step_targets` collects the counts."""
+    with accelerator.accumulate(p.model):
+        targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # logit t predicts token t + 1
+        if loss_fn is None:
+            loss = p.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        else:
+            loss = loss_fn(p.model, batch)
+        loss_sum = loss * targets  # both return the mean over this micro-batch's target tokens
+        accelerator.backward(loss_sum)
+        step_targets.append(targets)
+        total = None
+        if accelerator.sync_gradients:
+            total = normalize_gradients(p.model, accelerator, torch.stack(step_targets).sum())
+            if cfg.clip_grad_norm:
+                accelerator.clip_grad_norm_(p.model.parameters(), cfg.clip_grad_norm)
+        p.optimizer.step()  # accelerate skips it before the step's last micro-batch
+        p.optimizer.zero_grad(set_to_none=True)
+    return loss_sum.detach(), total
+
+
+class StepLog:
+    """Per-step records: metrics.jsonl (main process), the progress bar, accelerate's trackers."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: Path, cfg: TrainConfig, run_name: str, state: RunState,
+                 total_steps: int) -> None:  # fmt: skip
+        self.accelerator, self.cfg, self.run_name = accelerator, cfg, run_name
+        self.path = output_dir / "metrics.jsonl"
+        if accelerator.is_main_process:
+            # A fresh run starts a fresh log; a resumed one drops what was logged after its checkpoint.
+            old = self.path.read_text().splitlines() if state.step and self.path.exists() else []
+            kept = [r for r in old if json.loads(r)["step"] <= state.step]
+            atomic_write_text(self.path, "".join(f"{r}\n" for r in kept))
+        if cfg.trackers:
+            accelerator.init_trackers(run_name)
+        self.bar = tqdm(total=total_steps, initial=state.step, desc=run_name, disable=not accelerator.is_main_process)
+        self.start, self.start_tokens = time.perf_counter(), state.tokens
+
+    def write(self, state: RunState, lr: float, val_loss: float | None) -> None:
+        record = {
+            "run": self.run_name, "step": state.step, "loss": state.losses[-1], "lr": lr, "tokens": state.tokens,
+            "tokens_per_s": (state.tokens - self.start_tokens) / max(time.perf_counter() - self.start, 1e-9),
+            "peak_memory_bytes": peak_memory_since_reset(self.accelerator.device),
+        }  # fmt: skip
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+        if state.step % max(self.cfg.log_every_n_steps, 1) == 0 or val_loss is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                 mem=f"{record['peak_memory_bytes'] / 2**30:.1f}G")  # fmt: skip
+            if self.accelerator.is_main_process:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if self.cfg.trackers:
+                self.accelerator.log({k: v for k, v in record.items() if k != "run"}, step=state.step)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.cfg.trackers:
+            self.accelerator.end_training()
+
+
 def train(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -263,175 +414,87 @@ def train(
     """
     output_dir = Path(output_dir)
     set_seed(seed)
-    if accelerator.device.type == "cpu":
-        mmap_large_cpu_tensors()  # activations freed each step go back to the OS, not into a fragmented heap
-    if cfg.activation_checkpointing and not accelerator.is_fsdp2:  # FSDP2 applies its own
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    optimizer = instantiate(optimizer_cfg, [p for p in model.parameters() if p.requires_grad])
-    dataloader = build_dataloader(dataset, cfg.batch_size, seed)
-    steps_per_epoch = len(dataloader) // (cfg.gradient_accumulation_steps * accelerator.num_processes)
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"dataset has {len(dataset)} blocks: too few for one step of batch_size {cfg.batch_size} x "
-            f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} x {accelerator.num_processes} processes"
-        )
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
-    scheduler = instantiate(scheduler_cfg, optimizer, num_training_steps=total_steps) if scheduler_cfg else None
-    if scheduler is None:  # constant lr: one code path
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
-    eval_loader = (
-        accelerator.prepare(DataLoader(eval_dataset, batch_size=cfg.batch_size)) if eval_dataset is not None else None
-    )
-
-    step, epoch, batch_in_epoch, tokens, losses = 0, 0, 0, 0, []
+    p = prepare(model, dataset, cfg, optimizer_cfg, scheduler_cfg, accelerator, seed, eval_dataset)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.save_every_n_steps or cfg.resume:
-        check_shared_output_dir(accelerator, output_dir)
-    ckpts = _checkpoints(output_dir)
-    if cfg.resume and ckpts:
-        if run_identity is not None:
-            check_resume(ckpts[-1], run_identity, cfg.resume_allow_changes)
-        try:
-            accelerator.load_state(str(ckpts[-1]))
-        except RuntimeError as e:  # load_state_dict: "size mismatch for ...", "Missing key(s) ..." (many lines)
-            detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))[:300]
-            raise ConfigError(
-                f"resume=true: checkpoint {ckpts[-1]} does not fit this model ({detail.rstrip('.')}); resume with "
-                "the model and quantizer it was saved with, or start over with overwrite=true"
-            ) from None
-        state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
-        step, epoch, batch_in_epoch, tokens, losses = (
-            state["step"],
-            state["epoch"],
-            state["batch_in_epoch"],
-            state["tokens"],
-            state["losses"],
-        )
-        accelerator.print(f"resumed from {ckpts[-1]} (step {step})")
-        if step >= total_steps:
-            where = "at" if step == total_steps else "past"
-            accelerator.print(f"the checkpoint is {where} the run's last step ({total_steps}): no step left to train")
-    elif cfg.resume:
-        accelerator.print(f"resume=true but no checkpoint in {output_dir / 'checkpoints'}: starting from step 0")
-
-    metrics_path = output_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        # A fresh run starts a fresh log; a resumed one drops what was logged after its checkpoint.
-        old = metrics_path.read_text().splitlines() if step and metrics_path.exists() else []
-        kept = [r for r in old if json.loads(r)["step"] <= step]
-        atomic_write_text(metrics_path, "".join(f"{r}\n" for r in kept))
-    if cfg.trackers:
-        accelerator.init_trackers(run_name)
+    state = RunState.resume(accelerator, output_dir, cfg, run_identity)
+    if cfg.resume and state.step >= p.total_steps:
+        where = "at" if state.step == p.total_steps else "past"
+        accelerator.print(f"the checkpoint is {where} the run's last step ({p.total_steps}): no step left to train")
     world = accelerator.num_processes
     accelerator.print(
         f"[{run_name}] world size {world}, global batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} x {world}"
-        f" = {cfg.batch_size * cfg.gradient_accumulation_steps * world} sequences, {total_steps} steps"
+        f" = {cfg.batch_size * cfg.gradient_accumulation_steps * world} sequences, {p.total_steps} steps"
     )
-
-    device = accelerator.device
     # This run's own peak (its model, optimizer, activations), not the process's: the baselines and an earlier
     # fine-tune in the same process would otherwise count.
-    reset_peak_memory(device)
-    bar = tqdm(total=total_steps, initial=step, desc=run_name, disable=not accelerator.is_main_process)
-    start, start_tokens = time.perf_counter(), tokens
-    # The optimizer step in progress: its micro-batches' summed losses and target-token counts. The step's loss is
-    # sum / (target tokens across its micro-batches and ranks), as one big batch's mean would be: a micro-batch with
-    # few answer tokens (masked instruct data) weighs by its tokens, not as much as a full one.
+    reset_peak_memory(accelerator.device)
+    log = StepLog(accelerator, output_dir, cfg, run_name, state, p.total_steps)
+    # The optimizer step in progress: its micro-batches' summed losses and target-token counts.
     step_losses: list[torch.Tensor] = []
     step_targets: list[torch.Tensor] = []
-    while step < total_steps:
-        dataloader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(dataloader, batch_in_epoch) if batch_in_epoch else dataloader
-        for batch in batches:
+    while state.step < p.total_steps:
+        p.dataloader.set_epoch(state.epoch)
+        skip = state.batch_in_epoch
+        for batch in accelerator.skip_first_batches(p.dataloader, skip) if skip else p.dataloader:
             if on_step is not None and not step_losses:
-                on_step(accelerator.unwrap_model(model), step)
-            with accelerator.accumulate(model):
-                targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # logit t predicts token t + 1
-                if loss_fn is None:
-                    loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-                else:
-                    loss = loss_fn(model, batch)
-                loss_sum = loss * targets  # both return the mean over this micro-batch's target tokens
-                accelerator.backward(loss_sum)
-                step_losses.append(loss_sum.detach())
-                step_targets.append(targets)
-                if accelerator.sync_gradients:
-                    step_targets_total = normalize_gradients(model, accelerator, torch.stack(step_targets).sum())
-                    if cfg.clip_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            batch_in_epoch += 1
-            tokens += batch["input_ids"].numel() * world
-            if not accelerator.sync_gradients:
+                on_step(accelerator.unwrap_model(p.model), state.step)
+            loss_sum, step_total = forward_backward(p, batch, accelerator, cfg, loss_fn, step_targets)
+            step_losses.append(loss_sum)
+            state.batch_in_epoch += 1
+            state.tokens += batch["input_ids"].numel() * world
+            if step_total is None:
                 continue
-            loss_value = (
-                accelerator.reduce(torch.stack(step_losses).sum(), reduction="sum") / step_targets_total
-            ).item()
+            loss = (accelerator.reduce(torch.stack(step_losses).sum(), reduction="sum") / step_total).item()
             step_losses, step_targets = [], []
-            if not math.isfinite(loss_value):
-                good = _checkpoints(output_dir)
-                where = f"last good checkpoint: {good[-1]}" if good else "no checkpoint was saved"
-                bar.close()  # else the bar redraws itself after the error line
+            if not math.isfinite(loss):
+                log.bar.close()  # else the bar redraws itself after the error line
+                good = latest_checkpoint(output_dir)
+                where = f"last good checkpoint: {good}" if good else "no checkpoint was saved"
                 raise TrainingError(
-                    f"loss became {loss_value} at step {step + 1} ({where}); lower optimizer.lr or clip_grad_norm"
+                    f"loss became {loss} at step {state.step + 1} ({where}); lower optimizer.lr or clip_grad_norm"
                 )
-            scheduler.step()
-            step += 1
-            losses.append(loss_value)
-            elapsed = time.perf_counter() - start
-            record = {
-                "run": run_name,
-                "step": step,
-                "loss": loss_value,
-                "lr": optimizer.param_groups[0]["lr"],
-                "tokens": tokens,
-                "tokens_per_s": (tokens - start_tokens) / max(elapsed, 1e-9),
-                "peak_memory_bytes": peak_memory_since_reset(device),
-            }
-            if cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0 and eval_loader is not None:
-                record["val_loss"] = validation_loss(model, eval_loader, cfg.eval_batches, accelerator)
-            if step % max(cfg.log_every_n_steps, 1) == 0 or "val_loss" in record:
-                bar.set_postfix(
-                    loss=f"{record['loss']:.4f}",
-                    lr=f"{record['lr']:.2e}",
-                    tok_s=f"{record['tokens_per_s']:.0f}",
-                    mem=f"{record['peak_memory_bytes'] / 2**30:.1f}G",
-                )
-                if accelerator.is_main_process:
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                if cfg.trackers:
-                    accelerator.log({k: v for k, v in record.items() if k != "run"}, step=step)
-            bar.update(1)
-            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
-                state = {
-                    "step": step,
-                    "epoch": epoch,
-                    "batch_in_epoch": batch_in_epoch,
-                    "tokens": tokens,
-                    "losses": losses,
-                    "run": dict(run_identity or {}),
-                }
-                save_checkpoint(accelerator, output_dir, state, cfg.keep_last_n_checkpoints)
-            if step >= total_steps:
+            p.scheduler.step()
+            state.step += 1
+            state.losses.append(loss)
+            val_loss = None
+            if cfg.eval_every_n_steps and state.step % cfg.eval_every_n_steps == 0 and p.eval_loader is not None:
+                val_loss = validation_loss(p.model, p.eval_loader, cfg.eval_batches, accelerator)
+            log.write(state, p.optimizer.param_groups[0]["lr"], val_loss)
+            if cfg.save_every_n_steps and state.step % cfg.save_every_n_steps == 0:
+                state.save(accelerator, output_dir, cfg.keep_last_n_checkpoints, run_identity)
+            if state.step >= p.total_steps:
                 break
         else:
-            epoch, batch_in_epoch = epoch + 1, 0
-    bar.close()
-    if cfg.trackers:
-        accelerator.end_training()
-    wall = time.perf_counter() - start
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    log.close()
+    wall = time.perf_counter() - log.start
+    model = finish(p.model, accelerator, cfg, rebuild)
+    return model, TrainResult(
+        steps=state.step,
+        tokens=state.tokens,
+        wall_s=wall,
+        tokens_per_s=(state.tokens - log.start_tokens) / max(wall, 1e-9),
+        peak_memory_bytes=peak_memory_since_reset(accelerator.device),
+        final_loss=state.losses[-1] if state.losses else float("nan"),
+        losses=state.losses,
+    )
+
+
+def finish(
+    model: torch.nn.Module,
+    accelerator: Accelerator,
+    cfg: TrainConfig,
+    rebuild: Callable[[dict], torch.nn.Module] | None,
+) -> torch.nn.Module | None:
+    """The trained model, whole and unwrapped, in eval mode (None on FSDP2's other ranks)."""
     if accelerator.is_fsdp2:
         state = accelerator.get_state_dict(model)  # every rank takes part; rank 0 receives the full weights
         if rebuild is None:
             raise ValueError("training under FSDP2 needs `rebuild` to make the whole model from gathered weights")
         model = rebuild(state) if accelerator.is_main_process else None
     else:
-        if world > 1:
+        if accelerator.num_processes > 1:
             check_replicas_identical(model, accelerator)
         model = accelerator.unwrap_model(model)
         if cfg.activation_checkpointing:
@@ -439,15 +502,7 @@ def train(
     accelerator.free_memory()  # forget this run's objects: the next run's checkpoints hold only its own
     if model is not None:
         model.eval()
-    return model, TrainResult(
-        steps=step,
-        tokens=tokens,
-        wall_s=wall,
-        tokens_per_s=(tokens - start_tokens) / max(wall, 1e-9),
-        peak_memory_bytes=peak_memory_since_reset(device),
-        final_loss=losses[-1] if losses else float("nan"),
-        losses=losses,
-    )
+    return model
 
 
 @torch.no_grad()
