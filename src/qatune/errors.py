@@ -1,5 +1,5 @@
 """The project's own error types. Their messages are one line meant for the user: the CLI prints `error: <message>`
-and exits 2, without a traceback (QATUNE_DEBUG=1 shows it)."""
+and exits 2, without a traceback (`tune --debug` or QATUNE_DEBUG=1 shows it)."""
 
 
 class ConfigError(ValueError):

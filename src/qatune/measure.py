@@ -190,15 +190,12 @@ def peak_memory(
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        result = fn()
+    if not reset_peak_memory(device):
+        return _peak_rss_sampled(fn, interval_s)
+    result = fn()
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
-        return result, torch.cuda.max_memory_allocated(device)
-    release_free_heap()
-    if _STATUS.exists() and _reset_vm_hwm():
-        result = fn()
-        return result, _vm_hwm()
-    return _peak_rss_sampled(fn, interval_s)
+    return result, peak_memory_since_reset(device)
 
 
 def _peak_rss_sampled(fn: Callable[[], Any], interval_s: float) -> tuple[Any, int]:

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from qatune.config import instantiate
+from qatune.data import IGNORE_INDEX
 from qatune.device import mmap_large_cpu_tensors
 from qatune.errors import ConfigError, TrainingError, check_at_least
 from qatune.files import atomic_write_json, atomic_write_text
@@ -157,9 +158,6 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-IGNORE_INDEX = -100  # labels that are not trained on (prompts, padding), as in transformers' loss
-
-
 def normalize_gradients(model: torch.nn.Module, accelerator: Accelerator, targets: torch.Tensor) -> torch.Tensor:
     """Turn the accumulated gradient of summed losses into the gradient of the mean over every target token of the
     optimizer step, on every rank; returns that token count. accelerate divided each micro-batch's loss by
@@ -246,7 +244,7 @@ class RunState:
     losses: list[float] = field(default_factory=list)
 
     def save(self, accelerator: Accelerator, output_dir: Path, keep: int, run: Mapping[str, Any] | None) -> Path:
-        state = {k: getattr(self, k) for k in self.__dataclass_fields__} | {"run": dict(run or {})}
+        state = asdict(self) | {"run": dict(run or {})}
         return save_checkpoint(accelerator, output_dir, state, keep)
 
     @classmethod
