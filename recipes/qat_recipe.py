@@ -3,11 +3,13 @@
     tune run qat_recipe --config smollm2_135m                 # any CPU, offline, minutes
     tune run qat_recipe --config llama3_8b batch_size=2       # GPU
 
-Flow: load -> measure the float baseline and its PTQ -> insert fake quantization -> fine-tune -> convert to real int4
--> evaluate -> save `output_dir/int4` (a Hugging Face + torchao checkpoint) and the report (report.json/.md/.png)
--> optionally export the same int4 codes for llama.cpp (GGUF), ExecuTorch and vLLM (`export.formats`).
-With `compare.finetune_baseline=true` the same fine-tuning also runs without fake quantization and is then PTQ'd:
-the fair comparison (what QAT buys over "fine-tune, then quantize").
+Flow: load (fp32 master weights) -> insert fake quantization -> fine-tune (every process) -> convert to real int4
+-> save `output_dir/int4` (a Hugging Face + torchao checkpoint) -> evaluate it beside the float baseline and its
+plain PTQ -> the report (report.json/.md/.png) -> optionally export the same int4 codes for llama.cpp (GGUF),
+ExecuTorch and vLLM (`export.formats`). With `compare.finetune_baseline=true` the same fine-tuning also runs
+without fake quantization and is then PTQ'd: the fair comparison (what QAT buys over "fine-tune, then quantize").
+With several processes, training ends with the gather of the weights on the main process; the others exit then
+and the main process evaluates alone on its device (nobody waits at a barrier through hours of evaluation).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from qatune.data import DatasetConfig, build_dataset, check_dataset_config, load_texts
@@ -27,6 +30,7 @@ from qatune.errors import ConfigError, check_at_least
 from qatune.evaluation import check_eval_args, perplexity, text_windows
 from qatune.export import check_export_formats, export_model
 from qatune.files import check_output_dir, check_previous_run, remove_previous_run
+from qatune.fsdp import load_sharded
 from qatune.measure import check_measure_args, measure_model, model_size, speed_prompt
 from qatune.models import ModelConfig, check_model_config, load_model, load_tokenizer
 from qatune.quantization import (
@@ -47,8 +51,10 @@ from qatune.training import (
     check_strategy,
     check_train_config,
     latest_checkpoint,
+    main_process_first,
     make_accelerator,
     train,
+    uses_fsdp2,
 )
 from qatune.vllm_server import find_vllm, measure_served
 
@@ -131,8 +137,8 @@ def check_config(cfg: DictConfig) -> None:
 # What defines a training run: resume=true refuses a checkpoint saved with other values of these
 # (resume_allow_changes names the ones to change on purpose). max_steps, logging, eval and export may change.
 RUN_IDENTITY_KEYS = ("model.path", "model.revision", "quantizer", "self_distillation", "batch_size",
-                     "gradient_accumulation_steps", "world_size", "seq_len", "dataset", "seed", "optimizer",
-                     "lr_scheduler", "clip_grad_norm", "epochs")  # fmt: skip
+                     "gradient_accumulation_steps", "world_size", "distributed.strategy", "seq_len", "dataset",
+                     "seed", "optimizer", "lr_scheduler", "clip_grad_norm", "epochs")  # fmt: skip
 
 
 def run_identity(cfg: DictConfig, world_size: int, run: str) -> dict[str, Any]:
@@ -147,7 +153,7 @@ def run_identity(cfg: DictConfig, world_size: int, run: str) -> dict[str, Any]:
     }
     for key in RUN_IDENTITY_KEYS:
         if key not in values:
-            value = cfg[key]
+            value = OmegaConf.select(cfg, key)
             values[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     return values
 
@@ -181,10 +187,11 @@ def main(cfg: DictConfig) -> dict:
     q = resolve_quantizer(cfg.quantizer)
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(
-        device, cfg.gradient_accumulation_steps, str(out), list(cfg.trackers),
-        strategy=cfg.distributed.strategy, activation_checkpointing=cfg.activation_checkpointing,
+        device, cfg.gradient_accumulation_steps, str(out), list(cfg.trackers), strategy=cfg.distributed.strategy,
+        mixed_precision=cfg.mixed_precision,
     )  # fmt: skip
     main_process = accelerator.is_main_process  # evaluates, saves and prints; every process trains
+    sharded = uses_fsdp2(cfg.distributed.strategy, accelerator.num_processes)
     if cfg.overwrite and main_process:
         remove_previous_run(out, RUN_FILES)
     accelerator.wait_for_everyone()
@@ -192,33 +199,51 @@ def main(cfg: DictConfig) -> dict:
     for name in runs if cfg.resume else []:  # before anything loads: a checkpoint of another run is refused now
         if (ckpt := latest_checkpoint(out / name)) is not None:
             check_resume(ckpt, run_identity(cfg, accelerator.num_processes, name), cfg.resume_allow_changes)
-    tokenizer = load_tokenizer(cfg.model.path, revision=cfg.model.revision)
-    train_data = build_dataset(cfg.dataset, tokenizer, cfg.seq_len)
-    eval_texts = load_texts(cfg.eval_dataset)
-    # Validation loss during training (eval_every_n_steps) uses the held-out split packed like the training data.
-    val_data = build_dataset(cfg.eval_dataset, tokenizer, cfg.seq_len) if cfg.eval_every_n_steps else None
+
+    def load_data() -> tuple:
+        tokenizer = load_tokenizer(cfg.model.path, revision=cfg.model.revision)
+        # Validation loss during training (eval_every_n_steps): the held-out split packed like the training data.
+        val_data = build_dataset(cfg.eval_dataset, tokenizer, cfg.seq_len) if cfg.eval_every_n_steps else None
+        return tokenizer, build_dataset(cfg.dataset, tokenizer, cfg.seq_len), load_texts(cfg.eval_dataset), val_data
+
+    tokenizer, train_data, eval_texts, val_data = main_process_first(accelerator, load_data)
     train_cfg = TrainConfig(**{k: cfg[k] for k in TrainConfig.__dataclass_fields__})
 
-    def load() -> torch.nn.Module:
+    def load() -> nn.Module:  # for evaluation, in model.dtype
         return load_model(cfg.model.path, dtype=cfg.model.dtype, device=device, revision=cfg.model.revision)
 
-    def evaluate(model: torch.nn.Module) -> dict:
+    def load_for_training(name: str) -> nn.Module:  # fp32 master weights, fake-quantized for QAT
+        where = "cpu" if sharded else device  # FSDP2: rank 0 reads it into CPU memory and sends each rank its shards
+        model = load_model(cfg.model.path, dtype="float32", device=where, revision=cfg.model.revision)
+        return fake_quantize_(model, q) if name == "qat" else model
+
+    def skeleton(config, name: str) -> nn.Module:  # the same architecture without trained weights
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if name == "qat":
+            fake_quantize_(model, q)
+        model.tie_weights()  # torchao's swap of a meta-device lm_head unties it from the embeddings
+        return model
+
+    def evaluate(model: nn.Module) -> dict:
         e = cfg.eval
         result = perplexity(
-            model, tokenizer, eval_texts, seq_len=e.seq_len, protocol=e.protocol, batch_size=e.batch_size
+            model.to(device), tokenizer, eval_texts, seq_len=e.seq_len, protocol=e.protocol, batch_size=e.batch_size
         )
         if e.measure:
             speed = dict(prompt_len=e.prompt_len, decode_tokens=e.decode_tokens, runs=e.runs)
             result |= measure_model(model, tokenizer, **speed)
         return result
 
-    def fine_tune(model: torch.nn.Module, name: str, on_step=None, loss_fn=None) -> tuple[torch.nn.Module | None, dict]:
-        def rebuild(state: dict) -> torch.nn.Module:  # FSDP2 only: the whole model on rank 0 from gathered weights
-            fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            if name == "qat":
-                fake_quantize_(fresh, q)
+    def fine_tune(name: str, on_step=None, loss_fn=None) -> tuple[nn.Module | None, dict]:
+        if sharded:
+            model = load_sharded(lambda: load_for_training(name), lambda c: skeleton(c, name), accelerator.device)
+        else:
+            model = main_process_first(accelerator, lambda: load_for_training(name))  # a download happens once
+
+        def rebuild(state: dict) -> nn.Module:  # FSDP2 only: the whole model on rank 0 from gathered weights
+            fresh = skeleton(config, name)
             fresh.load_state_dict(state)
-            return fresh
+            return fresh.to(device)
 
         config = model.config
         model, run = train(
@@ -231,36 +256,22 @@ def main(cfg: DictConfig) -> dict:
 
     results, training = {}, {}
     start = time.perf_counter()
-    # 1. The original model and its plain post-training quantization (one process is enough).
-    if cfg.compare.baseline and main_process:
-        model = load()
-        results["bf16"] = evaluate(model)
-        results["ptq"] = evaluate(quantize_ptq_(model, q))
-        del model
-    accelerator.wait_for_everyone()
-
-    # 2. Optional fair baseline: the same fine-tuning without fake quantization, then PTQ.
+    # 1. Optional fair baseline: the same fine-tuning without fake quantization (evaluated, then PTQ'd, in 4.).
+    finetuned = None
     if cfg.compare.finetune_baseline:
-        model, training["bf16_finetuned"] = fine_tune(load(), "bf16_finetuned")
-        if main_process:
-            results["bf16_finetuned"] = evaluate(model)
-            results["ptq_finetuned"] = evaluate(quantize_ptq_(model, q))
-        del model
-        accelerator.wait_for_everyone()
+        finetuned, training["bf16_finetuned"] = fine_tune("bf16_finetuned")
+        finetuned = finetuned.cpu() if main_process else None  # waits in CPU memory while QAT trains
 
-    # 3. QAT: fake quantization in every linear layer not in quantizer.skip, fine-tune, convert to real int4.
-    model = fake_quantize_(load(), q)
-
-    def delayed_fake_quant(model: torch.nn.Module, step: int) -> None:
+    # 2. QAT: fake quantization in every linear layer not in quantizer.skip, fine-tuned by every process.
+    def delayed_fake_quant(model: nn.Module, step: int) -> None:
         # Float fine-tuning for the first N steps, fake quant from then on (also right after a resume).
         enable_fake_quant(model, step >= q.fake_quant_after_n_steps)
 
-    def distilled(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    def distilled(model: nn.Module, batch: dict) -> torch.Tensor:
         return self_distillation_loss(model, batch, cfg.self_distillation)
 
     model, training["qat"] = fine_tune(
-        model, "qat", delayed_fake_quant if q.fake_quant_after_n_steps else None,
-        distilled if cfg.self_distillation else None,
+        "qat", delayed_fake_quant if q.fake_quant_after_n_steps else None, distilled if cfg.self_distillation else None
     )  # fmt: skip
     report = {
         "model": {"path": cfg.model.path},
@@ -269,29 +280,39 @@ def main(cfg: DictConfig) -> dict:
         "training": training["qat"],
         "training_runs": training,
     }
-    if main_process:
-        # 4. Convert and save the int4 checkpoint first (the evaluation of a big model takes long), then evaluate it,
-        # write the report and export the same int4 codes to the runtimes asked for.
-        convert_to_int4(enable_fake_quant(model, True), q)
-        save_quantized(model, tokenizer, out / "int4")
-        print(f"int4 checkpoint: {out / 'int4'}")
-        results["qat"] = evaluate(model)
-        report |= {"recovery": recovery(results), "wall_s": time.perf_counter() - start}
+    if not main_process:
+        return report  # this rank's work ended with the gather of the trained weights
+
+    # 3. Convert to real int4 and save the checkpoint before any long evaluation, then evaluate it.
+    convert_to_int4(enable_fake_quant(model, True), q)
+    save_quantized(model, tokenizer, out / "int4")
+    print(f"int4 checkpoint: {out / 'int4'}")
+    results["qat"] = evaluate(model)
+    # 4. The baselines: the fine-tuned float model and its PTQ; the original model and its PTQ.
+    if finetuned is not None:
+        results["bf16_finetuned"] = evaluate(finetuned)
+        results["ptq_finetuned"] = evaluate(quantize_ptq_(finetuned, q))
+        del finetuned
+    if cfg.compare.baseline:
+        original = load()
+        results["bf16"] = evaluate(original)
+        results["ptq"] = evaluate(quantize_ptq_(original, q))
+        del original
+    report |= {"recovery": recovery(results), "wall_s": time.perf_counter() - start}
+    write_report(report, out)
+    print(format_table(results))
+    print(headline(results).replace("**", ""))
+    print(f"report: {out / 'report.md'}")
+    # 5. The same int4 codes for the runtimes asked for, and the model as each installed runtime serves it.
+    e, exported = cfg.export, {}
+    for fmt in [f for f in dict.fromkeys(e.formats) if f != "hf"]:
+        exported[fmt] = export_model(
+            model.cpu(), tokenizer, fmt, out,
+            embeddings=e.embeddings, max_seq_len=e.max_seq_len, vllm_scheme=e.vllm_scheme,
+        )  # fmt: skip
+        print(f"{fmt}: {exported[fmt]}")
+    if cfg.eval.measure and (served := served_results(exported, tokenizer, eval_texts, cfg.eval)):
+        results |= served
         write_report(report, out)
         print(format_table(results))
-        print(headline(results).replace("**", ""))
-        print(f"report: {out / 'report.md'}")
-        e, exported = cfg.export, {}
-        for fmt in [f for f in dict.fromkeys(e.formats) if f != "hf"]:
-            exported[fmt] = export_model(
-                model.cpu(), tokenizer, fmt, out,
-                embeddings=e.embeddings, max_seq_len=e.max_seq_len, vllm_scheme=e.vllm_scheme,
-            )  # fmt: skip
-            print(f"{fmt}: {exported[fmt]}")
-        # 5. The int4 model as it is served, by each exported runtime that is installed (eager torchao dequantizes).
-        if cfg.eval.measure and (served := served_results(exported, tokenizer, eval_texts, cfg.eval)):
-            results |= served
-            write_report(report, out)
-            print(format_table(results))
-    accelerator.wait_for_everyone()
     return report

@@ -233,3 +233,46 @@ def test_a_runs_peak_memory_is_its_own(tmp_path):
     assert result.peak_memory_bytes < before - 2**28
     lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["peak_memory_bytes"] <= result.peak_memory_bytes
+
+
+def fresh_accelerator_state():
+    """accelerate keeps one precision per process (as the recipe uses it); a test that switches resets it, as
+    accelerate's own AccelerateTestCase does."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_mixed_precision_keeps_fp32_master_weights_and_optimizer_states(tmp_path, fused):
+    """The GPU recipe's precision, run on CPU: fp32 weights and AdamW states, bf16 compute under autocast, with the
+    fused fake quant and with torchao's own."""
+    from qatune.quantization import fake_quantize_, resolve_quantizer
+
+    cfg = TrainConfig(batch_size=4, max_steps=2, save_every_n_steps=2)
+    model = fake_quantize_(make_tiny_llama(seed=1), resolve_quantizer({"scheme": "8da4w", "fused": fused}))
+    computed = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: computed.append(o.dtype))
+    fresh_accelerator_state()
+    acc = make_accelerator(torch.device("cpu"), 1, str(tmp_path), mixed_precision="bf16")
+    assert acc.mixed_precision == "bf16"
+    model, result = train(
+        model, Blocks(), cfg=cfg, optimizer_cfg=ADAMW, scheduler_cfg=None, accelerator=acc,
+        output_dir=tmp_path / "bf16", seed=0,
+    )  # fmt: skip
+    assert computed and set(computed) == {torch.bfloat16}  # the linears ran in bf16
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # master weights
+    optimizer = torch.load(_checkpoints(tmp_path / "bf16")[-1] / "optimizer.bin", weights_only=False)
+    states = [t for s in optimizer["state"].values() for t in s.values() if t.numel() > 1]
+    assert states and {t.dtype for t in states} == {torch.float32}  # exp_avg, exp_avg_sq
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    # bf16 compute is not fp32 compute: the same run without autocast gives a near but different first loss.
+    fresh_accelerator_state()
+    plain = make_accelerator(torch.device("cpu"), 1, str(tmp_path), mixed_precision="no")
+    model = fake_quantize_(make_tiny_llama(seed=1), resolve_quantizer({"scheme": "8da4w", "fused": fused}))
+    _, fp32 = train(
+        model, Blocks(), cfg=TrainConfig(batch_size=4, max_steps=2), optimizer_cfg=ADAMW, scheduler_cfg=None,
+        accelerator=plain, output_dir=tmp_path / "fp32", seed=0,
+    )  # fmt: skip
+    assert fp32.losses[0] == pytest.approx(result.losses[0], rel=2e-2) and fp32.losses[0] != result.losses[0]

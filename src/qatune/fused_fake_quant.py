@@ -12,7 +12,7 @@ clamp input for the backward pass. Here one autograd Function does the whole fak
 
 Two more savings that keep the numerics: a linear reading the same input tensor as the previous one (q/k/v,
 gate/up) reuses its fake-quantized activation, and the weight qparams are cached per optimizer step (keyed by the
-weight's version counter) so gradient-accumulation micro-batches skip that pass.
+optimizer step count and the weight's version counter) so gradient-accumulation micro-batches skip that pass.
 
 Forward and gradients are bit-identical to torchao's (tests/test_fused_fake_quant.py). The modules stay torchao's
 `FakeQuantizedLinear` (a subclass only overrides `forward`) with their fake quantizer configs, so
@@ -28,6 +28,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torchao.quantization.granularity import PerAxis, PerGroup, PerToken
 from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig
 from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
@@ -190,10 +191,26 @@ def _weight_groups(w: torch.Tensor, spec: FakeQuantSpec) -> torch.Tensor:
     return w.reshape(-1, group_size)
 
 
+class _OptimizerSteps:
+    """How many optimizer steps any torch optimizer has taken in this process. The weight-qparams cache is valid
+    for one step only: the version counter alone does not prove a weight unchanged, since FSDP2 all-gathers each
+    step's new values into the same unsharded tensor and keeps its version counter (measured: a stale cache
+    changed the loss from the third step on)."""
+
+    count = 0
+
+    @classmethod
+    def bump(cls, *_) -> None:
+        cls.count += 1
+
+
+register_optimizer_step_post_hook(_OptimizerSteps.bump)
+
+
 def _weight_qparams(module: nn.Module, spec: FakeQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight (scale, zero_point), cached until the optimizer changes the weight (micro-batches share them)."""
     w = module.weight
-    key = (w.data_ptr(), w._version, w.dtype, spec)
+    key = (_OptimizerSteps.count, w.data_ptr(), w._version, w.dtype, spec)
     cached = module.__dict__.get("_fused_weight_qparams")
     if cached is None or cached[0] != key:
         cached = (key, _Kernels.run(_qparams, _weight_groups(w.detach(), spec), spec))

@@ -27,8 +27,9 @@ from qatune.errors import ConfigError
 GB = 1e9  # GPU sizes are sold in GB; every figure here is in the same unit
 FIT_FRACTION = 0.9  # the caching allocator reserves more than the tensors it holds: keep 10% headroom
 STRATEGIES = ("fsdp2", "ddp", "single")
-# bf16: mixed precision, fp32 master weights/grads/optimizer states, bf16 compute (FSDP2 MixedPrecisionPolicy or
-# autocast). bf16-pure: everything bf16 (torchtune's `dtype: bf16` recipes). fp32: everything fp32.
+# bf16: mixed precision, fp32 master weights/grads/optimizer states, bf16 compute under autocast (what qat_recipe
+# runs with mixed_precision auto/bf16; FSDP2 gathers the fp32 weights). bf16-pure: everything bf16 (torchtune's
+# `dtype: bf16` recipes; not a qatune mode, for comparison). fp32: everything fp32 (mixed_precision=no).
 DTYPES = ("bf16", "bf16-pure", "fp32")
 MASTER_BYTES = {"bf16": 4, "bf16-pure": 2, "fp32": 4}
 COMPUTE_BYTES = {"bf16": 2, "bf16-pure": 2, "fp32": 4}
@@ -225,10 +226,10 @@ def _memory(
     act_scale = compute // 2  # the activation coefficients are for bf16 compute; fp32 doubles them
 
     weights = master * p / shards  # the weights the optimizer updates (sharded under FSDP2)
-    if strategy == "fsdp2":  # all-gathered in the compute dtype: the root unit plus the current and prefetched layer
-        weights += compute * (root + 2 * s.layer_params)
-    elif dtype == "bf16":  # DDP/single under autocast: autocast caches a bf16 copy of every weight for the forward
-        weights += 2 * p
+    if strategy == "fsdp2":  # all-gathered in the weights' dtype: the root unit plus the current and prefetched layer
+        weights += master * (root + 2 * s.layer_params)  # (qatune.fsdp: fp32, so int4 codes come from fp32 weights)
+    elif dtype == "bf16" and qat_scheme is None:  # autocast caches a bf16 copy of every weight for the forward (a
+        weights += 2 * p  # fake-quantized linear casts its fake-quantized weight instead: counted under fake quant)
     grads = master * p / shards  # gradients in the weights' dtype (FSDP2: reduce_dtype = param dtype, sharded)
     if strategy == "fsdp2":
         grads += master * max(root, s.layer_params)  # one unit's unsharded gradient before its reduce-scatter
@@ -253,8 +254,8 @@ def _memory(
         if qat_scheme != "4w":  # dynamic per-token activation fake quant
             fq_layer += tokens * (20 * h + 2 * i + 4 * s.linears_per_layer) * act_scale
             fq_head += tokens * (4 * h + 4) * act_scale
-    # Autocast (DDP/single in bf16) keeps the residual stream in fp32, as does fp32 training.
-    residual_bytes = 4 if dtype == "fp32" or (dtype == "bf16" and strategy != "fsdp2") else 2
+    # Autocast over fp32 weights keeps the residual stream in fp32, as does fp32 training.
+    residual_bytes = 4 if dtype in ("fp32", "bf16") else 2
     without_ac = n_layers * (layer + fq_layer) + head + fq_head
     # Checkpointing keeps each layer's input; backward recomputes one layer at a time.
     with_ac = n_layers * tokens * h * residual_bytes + (layer + fq_layer) + head + fq_head
@@ -396,13 +397,13 @@ def estimate_from_config(cfg, num_gpus: int = 1) -> dict[str, Any]:
     if component not in OPTIMIZER_STATES:
         component = "adamw"  # other optimizers: assume Adam-like two states per parameter
     quantizer = get("quantizer")
-    model_dtype = str(get("model.dtype", "auto")).replace("float32", "fp32")
+    mixed_precision = str(get("mixed_precision", "auto"))
     return plan_memory(
         get("model.path"),
         num_gpus=num_gpus,
         # One process shards nothing: the recipe ignores distributed.strategy there, and so does the plan.
         strategy=get("distributed.strategy", "fsdp2") if num_gpus > 1 else "single",
-        dtype="fp32" if model_dtype == "fp32" else "bf16",  # auto/bf16: bf16 compute, fp32 master weights
+        dtype="fp32" if mixed_precision == "no" else "bf16",  # auto/bf16 on GPUs: bf16 autocast, fp32 master weights
         optimizer=component,
         batch_size=int(get("batch_size", 1)),
         seq_len=int(get("seq_len", 2048)),

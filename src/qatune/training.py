@@ -1,4 +1,4 @@
-"""Fine-tuning through accelerate: the same loop for one process or many (DDP), CPU or GPU.
+"""Fine-tuning through accelerate: the same loop for one process or many (DDP or FSDP2), CPU or GPU.
 
 `train()` runs optimizer steps over a packed dataset with gradient accumulation, clipping, a warm-up schedule,
 delayed fake quantization, periodic validation loss, atomic checkpoints and exact resume. Everything it needs comes
@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from qatune import fsdp
 from qatune.config import instantiate
 from qatune.data import IGNORE_INDEX
 from qatune.device import mmap_large_cpu_tensors
@@ -41,6 +42,7 @@ class TrainConfig:
     epochs: int = 1
     clip_grad_norm: float | None = 1.0
     activation_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | no; weights stay fp32 (master)
     log_every_n_steps: int = 1
     eval_every_n_steps: int = 0  # 0 = never (validation loss)
     eval_batches: int = 4
@@ -66,6 +68,8 @@ def check_train_config(cfg: Mapping[str, Any], optimizer_cfg: Mapping[str, Any] 
         if value is None and key == "max_steps":
             continue
         check_at_least(key, value, least, " (or null: `epochs` full passes)" if key == "max_steps" else "")
+    if cfg.get("mixed_precision", "auto") not in MIXED_PRECISION:
+        raise ConfigError(f"mixed_precision {cfg.get('mixed_precision')!r} is not one of {', '.join(MIXED_PRECISION)}")
     clip = cfg.get("clip_grad_norm")
     if clip is not None and not _positive_number(clip):
         raise ConfigError(f"clip_grad_norm={clip!r}: give a positive number, or null for no clipping")
@@ -90,6 +94,7 @@ class TrainResult:
 
 
 STRATEGIES = ("ddp", "fsdp2")
+MIXED_PRECISION = ("auto", "bf16", "no")
 
 
 def check_strategy(strategy: str) -> None:
@@ -99,7 +104,11 @@ def check_strategy(strategy: str) -> None:
 
 @dataclass
 class DistributedConfig:
-    strategy: str = "ddp"  # ddp (a full copy per process) | fsdp2 (sharded weights/grads/optimizer; CUDA only)
+    strategy: str = "ddp"  # ddp (a full copy per process) | fsdp2 (sharded weights, gradients, optimizer states)
+
+
+def uses_fsdp2(strategy: str, num_processes: int) -> bool:
+    return strategy == "fsdp2" and num_processes > 1  # one process: nothing to shard
 
 
 def make_accelerator(
@@ -108,31 +117,24 @@ def make_accelerator(
     output_dir: str,
     trackers: list[str] | None = None,
     strategy: str = "ddp",
-    activation_checkpointing: bool = False,
+    mixed_precision: str = "auto",
 ) -> Accelerator:
-    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU, where bf16 is slower.
+    """The accelerator of a run: one process or many (torchrun/accelerate launch set the environment).
 
-    One process or many: torchrun/accelerate launch set the environment and accelerate picks DDP (gloo on CPU,
-    NCCL on GPU) or, with strategy fsdp2, FSDP2 `fully_shard` of each decoder layer.
+    Weights, gradients and optimizer states are fp32 (master weights); with mixed_precision bf16 (auto: on CUDA,
+    where bf16 is fast; on CPU it is slower than fp32) the forward and backward run under bf16 autocast. Several
+    processes: DDP (gloo on CPU, NCCL on GPU), or with strategy fsdp2 the model arrives sharded by qatune.fsdp and
+    accelerate shards only the data.
     """
     check_strategy(strategy)
-    fsdp = None
-    if strategy == "fsdp2" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process: nothing to shard
-        if device.type != "cuda":
-            raise ConfigError("distributed.strategy=fsdp2 needs CUDA GPUs (accelerate's FSDP runs only there); use ddp")
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
-        fsdp = FullyShardedDataParallelPlugin(
-            fsdp_version=2,
-            auto_wrap_policy="transformer_based_wrap",  # one shard unit per decoder layer (model._no_split_modules)
-            reshard_after_forward=True,
-            state_dict_type="FULL_STATE_DICT",
-            activation_checkpointing=activation_checkpointing,
-        )
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if device.type == "cuda" else "no"
+    # FSDP2 frees each layer's gathered weights after use; autocast's cache would keep a bf16 copy of every one of
+    # them until the forward ends (a whole bf16 model per rank). The fake-quantized linears never hit the cache.
+    autocast = AutocastKwargs(cache_enabled=not uses_fsdp2(strategy, int(os.environ.get("WORLD_SIZE", "1"))))
     return Accelerator(
-        fsdp_plugin=fsdp,
         cpu=device.type == "cpu",
-        mixed_precision="bf16" if device.type == "cuda" else "no",
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         # A seedable sampler makes every epoch's shuffle a function of (seed, epoch): resume can replay it.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -140,7 +142,30 @@ def make_accelerator(
         step_scheduler_with_optimizer=False,
         log_with=trackers or None,
         project_dir=output_dir,
+        kwargs_handlers=[autocast],
     )
+
+
+def main_process_first(accelerator: Accelerator, fn: Callable[[], Any]) -> Any:
+    """fn() on the main process, then on the others: downloads and caches are filled once. If it fails on the main
+    process the error is raised there and the other ranks stop with one line, instead of waiting at a barrier until
+    the collective timeout."""
+    if accelerator.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    result, failed = None, [None]
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except Exception as e:
+            failed = [f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
+            broadcast_object_list(failed)
+            raise
+    broadcast_object_list(failed)
+    if failed[0] is not None:
+        raise TrainingError(f"the main process failed ({failed[0]}); every rank stops")
+    return result if accelerator.is_main_process else fn()
 
 
 def build_dataloader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
@@ -214,14 +239,20 @@ def check_resume(checkpoint: Path, run: Mapping[str, Any], allow: list[str] | tu
             )
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: Mapping[str, Any], keep: int) -> Path:
-    """Weights, optimizer, scheduler, RNG and data position, written to a temp dir then renamed (all ranks call)."""
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, state: Mapping[str, Any], keep: int, p: Prepared | None = None
+) -> Path:
+    """Weights, optimizer, scheduler, RNG and data position, written to a temp dir then renamed (all ranks call).
+    Under FSDP2 (`p.sharded`) each rank writes its shards of the weights and optimizer states to `sharded/`."""
     final = output_dir / "checkpoints" / f"step_{state['step']}"
     tmp = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if p is not None and p.sharded:
+        fsdp.save_sharded(p.model, p.optimizer, tmp / "sharded")
+    accelerator.wait_for_everyone()  # every rank's files are in tmp before it is renamed
     if accelerator.is_main_process:
         atomic_write_json(tmp / "trainer_state.json", dict(state))
         shutil.rmtree(final, ignore_errors=True)
@@ -243,13 +274,14 @@ class RunState:
     tokens: int = 0
     losses: list[float] = field(default_factory=list)
 
-    def save(self, accelerator: Accelerator, output_dir: Path, keep: int, run: Mapping[str, Any] | None) -> Path:
+    def save(self, accelerator: Accelerator, output_dir: Path, p: Prepared, keep: int,
+             run: Mapping[str, Any] | None) -> Path:  # fmt: skip
         state = asdict(self) | {"run": dict(run or {})}
-        return save_checkpoint(accelerator, output_dir, state, keep)
+        return save_checkpoint(accelerator, output_dir, state, keep, p)
 
     @classmethod
     def resume(
-        cls, accelerator: Accelerator, output_dir: Path, cfg: TrainConfig, run: Mapping[str, Any] | None
+        cls, accelerator: Accelerator, output_dir: Path, p: Prepared, cfg: TrainConfig, run: Mapping[str, Any] | None
     ) -> RunState:
         """With cfg.resume, the last checkpoint loaded into the prepared objects and its state; else step 0."""
         if cfg.save_every_n_steps or cfg.resume:
@@ -264,6 +296,8 @@ class RunState:
             check_resume(ckpt, run, cfg.resume_allow_changes)
         try:
             accelerator.load_state(str(ckpt))
+            if p.sharded:
+                fsdp.load_sharded_checkpoint(p.model, p.optimizer, ckpt / "sharded")
         except RuntimeError as e:  # load_state_dict: "size mismatch for ...", "Missing key(s) ..." (many lines)
             detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))[:300]
             raise ConfigError(
@@ -285,6 +319,7 @@ class Prepared:
     scheduler: Any
     eval_loader: Any
     total_steps: int
+    sharded: bool  # FSDP2: the model came sharded (qatune.fsdp); accelerate prepared only the data and schedule
 
 
 def prepare(
@@ -294,7 +329,8 @@ def prepare(
     """Set-up: optimizer over the trainable parameters, seedable data order, schedule, accelerate's wrapping."""
     if accelerator.device.type == "cpu":
         mmap_large_cpu_tensors()  # activations freed each step go back to the OS, not into a fragmented heap
-    if cfg.activation_checkpointing and not accelerator.is_fsdp2:  # FSDP2 applies its own
+    sharded = fsdp.is_sharded(model)
+    if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = instantiate(optimizer_cfg, [p for p in model.parameters() if p.requires_grad])
@@ -309,11 +345,14 @@ def prepare(
     scheduler = instantiate(scheduler_cfg, optimizer, num_training_steps=total_steps) if scheduler_cfg else None
     if scheduler is None:  # constant lr: one code path
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    if sharded:  # accelerate would wrap the model in DDP and save the optimizer's shards from rank 0 alone
+        dataloader, scheduler = accelerator.prepare(dataloader, scheduler)
+    else:
+        model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
     eval_loader = None
     if eval_dataset is not None:
         eval_loader = accelerator.prepare(DataLoader(eval_dataset, batch_size=cfg.batch_size))
-    return Prepared(model, optimizer, dataloader, scheduler, eval_loader, total_steps)
+    return Prepared(model, optimizer, dataloader, scheduler, eval_loader, total_steps, sharded)
 
 
 def forward_backward(
@@ -325,20 +364,21 @@ def forward_backward(
     all micro-batches and ranks, or None before the last micro-batch); `step_targets` collects the counts."""
     with accelerator.accumulate(p.model):
         targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # logit t predicts token t + 1
-        if loss_fn is None:
-            loss = p.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        else:
-            loss = loss_fn(p.model, batch)
+        with accelerator.autocast():  # mixed_precision; accelerate's DDP wrapper applies it too (FSDP2: only this)
+            if loss_fn is None:
+                loss = p.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            else:
+                loss = loss_fn(p.model, batch)
         loss_sum = loss * targets  # both return the mean over this micro-batch's target tokens
         accelerator.backward(loss_sum)
         step_targets.append(targets)
         total = None
         if accelerator.sync_gradients:
             total = normalize_gradients(p.model, accelerator, torch.stack(step_targets).sum())
-            if cfg.clip_grad_norm:
+            if cfg.clip_grad_norm:  # the norm over all ranks' shards under FSDP2 (DTensor gradients)
                 accelerator.clip_grad_norm_(p.model.parameters(), cfg.clip_grad_norm)
-        p.optimizer.step()  # accelerate skips it before the step's last micro-batch
-        p.optimizer.zero_grad(set_to_none=True)
+            p.optimizer.step()
+            p.optimizer.zero_grad(set_to_none=True)
     return loss_sum.detach(), total
 
 
@@ -407,15 +447,16 @@ def train(
     replaces the plain next-token loss (the recipe's self-distillation). `run_identity` (what defines the run) is
     stored in every checkpoint, and resume refuses a checkpoint saved with other values (`check_resume`).
 
-    Returns the trained, unwrapped model and the run's figures. Under FSDP2 each rank holds only shards: the full
-    weights are gathered and `rebuild(state_dict)` makes the whole model on rank 0 (other ranks get None).
+    Returns the trained, unwrapped model and the run's figures. Under FSDP2 (`model` sharded by qatune.fsdp) each
+    rank holds only shards: the full weights are gathered and `rebuild(state_dict)` makes the whole model on rank 0
+    (other ranks get None).
     """
     output_dir = Path(output_dir)
     set_seed(seed)
     p = prepare(model, dataset, cfg, optimizer_cfg, scheduler_cfg, accelerator, seed, eval_dataset)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    state = RunState.resume(accelerator, output_dir, cfg, run_identity)
+    state = RunState.resume(accelerator, output_dir, p, cfg, run_identity)
     if cfg.resume and state.step >= p.total_steps:
         where = "at" if state.step == p.total_steps else "past"
         accelerator.print(f"the checkpoint is {where} the run's last step ({p.total_steps}): no step left to train")
@@ -424,6 +465,9 @@ def train(
         f"[{run_name}] world size {world}, global batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} x {world}"
         f" = {cfg.batch_size * cfg.gradient_accumulation_steps * world} sequences, {p.total_steps} steps"
     )
+    if p.sharded:
+        local, total = fsdp.parameter_counts(p.model)
+        accelerator.print(f"[{run_name}] fsdp2: this rank holds {local:,} of the {total:,} parameters (its shards)")
     # This run's own peak (its model, optimizer, activations), not the process's: the baselines and an earlier
     # fine-tune in the same process would otherwise count.
     reset_peak_memory(accelerator.device)
@@ -460,14 +504,14 @@ def train(
                 val_loss = validation_loss(p.model, p.eval_loader, cfg.eval_batches, accelerator)
             log.write(state, p.optimizer.param_groups[0]["lr"], val_loss)
             if cfg.save_every_n_steps and state.step % cfg.save_every_n_steps == 0:
-                state.save(accelerator, output_dir, cfg.keep_last_n_checkpoints, run_identity)
+                state.save(accelerator, output_dir, p, cfg.keep_last_n_checkpoints, run_identity)
             if state.step >= p.total_steps:
                 break
         else:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     log.close()
     wall = time.perf_counter() - log.start
-    model = finish(p.model, accelerator, cfg, rebuild)
+    model = finish(p, accelerator, cfg, rebuild)
     return model, TrainResult(
         steps=state.step,
         tokens=state.tokens,
@@ -480,14 +524,12 @@ def train(
 
 
 def finish(
-    model: torch.nn.Module,
-    accelerator: Accelerator,
-    cfg: TrainConfig,
-    rebuild: Callable[[dict], torch.nn.Module] | None,
+    p: Prepared, accelerator: Accelerator, cfg: TrainConfig, rebuild: Callable[[dict], torch.nn.Module] | None
 ) -> torch.nn.Module | None:
     """The trained model, whole and unwrapped, in eval mode (None on FSDP2's other ranks)."""
-    if accelerator.is_fsdp2:
-        state = accelerator.get_state_dict(model)  # every rank takes part; rank 0 receives the full weights
+    model = p.model
+    if p.sharded:
+        state = fsdp.full_state_dict(model)  # every rank takes part; rank 0 receives the full weights
         if rebuild is None:
             raise ValueError("training under FSDP2 needs `rebuild` to make the whole model from gathered weights")
         model = rebuild(state) if accelerator.is_main_process else None
@@ -520,6 +562,7 @@ def validation_loss(model: torch.nn.Module, loader: DataLoader, max_batches: int
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
-        total.append(model(input_ids=batch["input_ids"], labels=batch["labels"]).loss)
+        with accelerator.autocast():
+            total.append(model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.float())
     model.train()
     return accelerator.reduce(torch.stack(total).mean(), reduction="mean").item()
