@@ -26,6 +26,7 @@ WEIGHT_FREE = [
     ("clip_grad_norm=0", "clip_grad_norm=0.0: give a positive number, or null"),
     ("seq_len=1", "seq_len=1: give an integer >= 2"),
     ("distributed.strategy=zero3", "distributed.strategy 'zero3' is not one of ddp, fsdp2"),
+    ("mixed_precision=fp8", "mixed_precision 'fp8' is not one of auto, bf16, no"),
     ("device=tpu", "device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
     ("model.dtype=fp8", "model.dtype 'fp8' is not one of auto, bf16"),
     ("dataset.format=xml", "dataset.format 'xml' is not one of text, instruct, chat"),

@@ -262,6 +262,9 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights_and_optimizer_states(tmp
         output_dir=tmp_path / "bf16", seed=0,
     )  # fmt: skip
     assert computed and set(computed) == {torch.bfloat16}  # the linears ran in bf16
+    computed.clear()
+    model(input_ids=Blocks()[0]["input_ids"][None])
+    assert computed == [torch.float32]  # the trained model runs as saved: autocast was a training setting
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # master weights
     optimizer = torch.load(_checkpoints(tmp_path / "bf16")[-1] / "optimizer.bin", weights_only=False)
     states = [t for s in optimizer["state"].values() for t in s.values() if t.numel() > 1]
@@ -276,3 +279,20 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights_and_optimizer_states(tmp
         accelerator=plain, output_dir=tmp_path / "fp32", seed=0,
     )  # fmt: skip
     assert fp32.losses[0] == pytest.approx(result.losses[0], rel=2e-2) and fp32.losses[0] != result.losses[0]
+
+
+def test_the_gpu_check_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py's CPU twin: the three bf16 mixed-precision runs and the int4 round trip it measures."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--tiny", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    rows = {r["run"]: r for r in report["rows"]}
+    assert set(rows) == {"plain", "fused_qat", "torchao_qat"} and not report["failures"]
+    assert all(r["weights_dtype"] == "{torch.float32}" and r["tokens_per_s"] > 0 for r in rows.values())
+    assert rows["fused_qat"]["final_loss"] == rows["torchao_qat"]["final_loss"]  # the same numerics, bit for bit
+    assert report["int4"]["bit_exact"] and report["int4"]["weight"] == "IntxUnpackedToInt8Tensor"
