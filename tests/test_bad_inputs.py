@@ -255,3 +255,30 @@ def test_a_bug_keeps_its_traceback(tmp_path):
     with pytest.raises(ValueError, match="an internal bug") as e:
         main(["run", str(recipe), "--config", str(config)])
     assert not isinstance(e.value, ConfigError)
+
+
+def test_unreadable_weights_are_one_line_naming_the_model(inputs, capsys):
+    overrides = ["model.path=trap", "output_dir=out", "seq_len=64", "compare.baseline=false"]
+    assert main(["run", "qat_recipe", "--config", "smollm2_135m", *overrides]) == 2
+    line = one_error_line(capsys)
+    assert "model.path 'trap': its weights could not be read (Error while deserializing header" in line
+
+
+def test_a_failure_on_rank_0_stops_every_rank_at_once(inputs):
+    """FSDP2: rank 0 alone reads the weights; when it fails the other rank stops with one line instead of waiting at
+    a collective until the timeout, and the launcher's summary is one line too."""
+    overrides = ["model.path=trap", "output_dir=out", "seq_len=64", "compare.baseline=false",
+                 "distributed.strategy=fsdp2"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "qatune.cli", "run", "--nproc_per_node", "2", "qat_recipe", "--config", "smollm2_135m",
+         *overrides], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # Rank 0's line and the other rank's (which names rank 0's error): whichever exits first, torchrun stops the
+    # other, so one of the two may be cut (a race); the cause is in each, and the launcher's summary is last.
+    cause = "model.path 'trap': its weights could not be read (Error while deserializing header"
+    assert any(cause in e for e in errors[:-1]), errors
+    assert all(e.startswith(("error: model.path", "error: rank 0 could not load the model")) for e in errors[:-1])
+    assert errors[-1].startswith("error: workers failed (rank 0 exit code ") and "rank 1 exit code" in errors[-1]

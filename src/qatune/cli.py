@@ -158,8 +158,9 @@ def launch(args: argparse.Namespace) -> None:
     print(f"launching world size {args.nproc_per_node * args.nnodes} ({args.nnodes} node(s) x {args.nproc_per_node})")
     try:
         torchrun([*flags, "-m", "qatune.cli", "run", args.recipe, "--config", args.config, *args.overrides])
-    except ChildFailedError as e:
-        raise SystemExit(f"error: a worker failed: {' '.join(str(e).split())[:500]}") from None
+    except ChildFailedError as e:  # each worker printed its own one-line error above; torchrun's summary is a page
+        codes = ", ".join(f"rank {rank} exit code {f.exitcode}" for rank, f in sorted(e.failures.items()))
+        raise SystemExit(f"error: workers failed ({codes}); each worker's error is above") from None
 
 
 def cmd_estimate(args: argparse.Namespace, cfg: DictConfig | None = None) -> None:

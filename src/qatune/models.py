@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -268,7 +269,10 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)  # first: a bad dtype fails before any download
     path = resolve_model_path(path_or_id, revision)
     check_architecture(AutoConfig.from_pretrained(path))  # before loading weights: refuse in a second
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (SafetensorError, OSError) as e:  # a truncated or corrupt weights file, a missing shard
+        raise ConfigError(f"model.path {path_or_id!r}: its weights could not be read ({str(e).splitlines()[0]})") from e
     return model.to(device)
 
 
