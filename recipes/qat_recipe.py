@@ -31,6 +31,7 @@ from qatune.evaluation import check_eval_args, perplexity, text_windows
 from qatune.export import check_export_formats, export_model
 from qatune.files import check_output_dir, check_previous_run, remove_previous_run
 from qatune.fsdp import load_sharded
+from qatune.lora import LoraConfig, add_lora_, check_lora_config, merge_lora_
 from qatune.measure import check_measure_args, measure_model, model_size, speed_prompt
 from qatune.models import ModelConfig, check_model_config, load_model, load_tokenizer
 from qatune.quantization import (
@@ -107,6 +108,7 @@ class Config(TrainConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    lora: LoraConfig | None = None  # adapters inside the fake-quantized weight (qatune.lora); null = full QAT
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
@@ -123,6 +125,10 @@ def check_config(cfg: DictConfig) -> None:
     q = resolve_quantizer(cfg.quantizer)
     check_model_config(cfg.model)
     check_dataset_config(cfg.dataset)
+    check_lora_config(cfg.lora, cfg.model.path)
+    if cfg.lora is not None and cfg.distributed.strategy == "fsdp2":
+        raise ConfigError("lora with distributed.strategy=fsdp2: not supported; the frozen base is held once per GPU, "
+                          "use distributed.strategy=ddp")  # fmt: skip
     check_dataset_config(cfg.eval_dataset, "eval_dataset")
     e = cfg.eval
     check_eval_args(e.seq_len, e.protocol, e.batch_size, prefix="eval.")
@@ -136,7 +142,7 @@ def check_config(cfg: DictConfig) -> None:
 
 # What defines a training run: resume=true refuses a checkpoint saved with other values of these
 # (resume_allow_changes names the ones to change on purpose). max_steps, logging, eval and export may change.
-RUN_IDENTITY_KEYS = ("model.path", "model.revision", "quantizer", "self_distillation", "batch_size",
+RUN_IDENTITY_KEYS = ("model.path", "model.revision", "quantizer", "lora", "self_distillation", "batch_size",
                      "gradient_accumulation_steps", "world_size", "distributed.strategy", "seq_len", "dataset",
                      "seed", "optimizer", "lr_scheduler", "clip_grad_norm", "epochs")  # fmt: skip
 
@@ -214,8 +220,11 @@ def main(cfg: DictConfig) -> dict:
 
     def load_for_training(name: str) -> nn.Module:  # fp32 master weights, fake-quantized for QAT
         where = "cpu" if sharded else device  # FSDP2: rank 0 reads it into CPU memory and sends each rank its shards
-        model = load_model(cfg.model.path, dtype="float32", device=where, revision=cfg.model.revision)
-        return fake_quantize_(model, q) if name == "qat" else model
+        dtype = cfg.model.dtype if cfg.lora else "float32"  # LoRA: the frozen base in the model's dtype
+        model = load_model(cfg.model.path, dtype=dtype, device=where, revision=cfg.model.revision)
+        if name == "qat":
+            fake_quantize_(model, q)
+        return add_lora_(model, cfg.lora) if cfg.lora else model  # after fake quant: it quantizes W + s B A
 
     def skeleton(config, name: str) -> nn.Module:  # the same architecture without trained weights
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -252,6 +261,8 @@ def main(cfg: DictConfig) -> dict:
             rebuild=rebuild, eval_dataset=val_data, loss_fn=loss_fn,
             run_identity=run_identity(cfg, accelerator.num_processes, name),
         )  # fmt: skip
+        if cfg.lora and model is not None:
+            merge_lora_(model)  # the weight the fake quantizer saw, written back: convert gives its int4 codes
         return model, {k: v for k, v in vars(run).items() if k != "losses"}
 
     results, training = {}, {}

@@ -282,3 +282,26 @@ def test_a_failure_on_rank_0_stops_every_rank_at_once(inputs):
     assert any(cause in e for e in errors[:-1]), errors
     assert all(e.startswith(("error: model.path", "error: rank 0 could not load the model")) for e in errors[:-1])
     assert errors[-1].startswith("error: workers failed (rank 0 exit code ") and "rank 1 exit code" in errors[-1]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lora.rank=0", "lora.rank=0: give an integer >= 1"),
+        ("lora.alpha=-1", "lora.alpha=-1.0: give a positive number"),
+        ("lora.dropout=0.05", "lora.dropout=0.05: only 0; the adapter is merged inside the fake-quantized weight"),
+        ("lora.target_modules=[qproj]", "lora.target_modules: 'qproj' matches no linear layer; the model has ['down_"),
+        ("distributed.strategy=fsdp2", "lora with distributed.strategy=fsdp2: not supported"),
+    ],
+)
+def test_bad_lora_values_get_one_line_before_weights_load(override, message, capsys, inputs):
+    overrides = [override, "model.path=trap", "output_dir=out"]  # trap: its weights would fail to load
+    assert main(["validate", "smollm2_135m_lora", *overrides]) == 2
+    assert message in one_error_line(capsys)
+    assert main(["run", "qat_recipe", "--config", "smollm2_135m_lora", *overrides]) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_a_lora_key_on_a_config_without_lora_says_which_config(capsys):
+    assert main(["validate", "smollm2_135m", "+lora.rank=8"]) == 2
+    assert "lora is null in this config" in one_error_line(capsys)

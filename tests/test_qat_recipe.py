@@ -72,6 +72,30 @@ print(json.dumps(perplexity(m, t, python_docs("validation")[:4], seq_len=64, bat
     np.testing.assert_array_equal(scales, w.scale.to(torch.float16).numpy())  # group size 32: one Q4_0 block
 
 
+def test_lora_end_to_end_its_int4_checkpoint_is_the_trained_model(tiny_checkpoint, tmp_path):
+    """QAT + LoRA through the recipe: only the adapters train, the fair LoRA baseline runs, and the saved int4
+    checkpoint reloads to the perplexity the report measured on the trained (merged, converted) model."""
+    out = tmp_path / "lora"
+    overrides = tiny_overrides(tiny_checkpoint, out, "compare.finetune_baseline=true", "compare.baseline=false")
+    module, cfg = load_recipe_config("qat_recipe", "smollm2_135m_lora", overrides)
+    report = module.main(cfg)
+    runs = report["training_runs"]
+    # rank 16 x (q 256+256, k 256+128, v 256+128, o 256+256, gate 256+512, up 256+512, down 512+256), 2 layers
+    assert runs["qat"]["trainable_params"] == runs["bf16_finetuned"]["trainable_params"] == 2 * 16 * 4096
+    assert set(report["results"]) == {"qat", "bf16_finetuned", "ptq_finetuned"} and report["recovery"] is not None
+    assert "trainable params" in (out / "report.md").read_text()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qatune.data import python_docs
+    from qatune.evaluation import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(out / "int4")
+    again = perplexity(model, AutoTokenizer.from_pretrained(out / "int4"), python_docs("validation")[:4], seq_len=64,
+                       batch_size=4, progress=False)  # fmt: skip
+    assert again["perplexity"] == pytest.approx(report["results"]["qat"]["perplexity"], rel=1e-6)
+    assert not any("lora" in name for name, _ in model.named_parameters())  # merged: a plain int4 checkpoint
+
+
 def test_delayed_fake_quant_trains_float_first(tiny_checkpoint, tmp_path):
     # With fake quant delayed past the last step, QAT training is exactly float training: same loss curve.
     base = tiny_overrides(tiny_checkpoint, tmp_path / "a", "compare.baseline=false", "compare.finetune_baseline=true")

@@ -92,7 +92,7 @@ def test_write_report_files(tmp_path):
         for line in md.splitlines()
         if line.startswith("| qat ") and (cells := [c.strip() for c in line.strip().strip("|").split("|")])
     ]
-    assert ["qat", "40", "81920", "35.5", "3072.0 MiB", "2300.0"] in training
+    assert ["qat", "40", "81920", "35.5", "3072.0 MiB", "2300.0", "—"] in training  # no trainable_params recorded
     assert not list(tmp_path.glob("out/*.tmp")) and not list(tmp_path.glob("out/.*"))  # atomic: no leftovers
 
     png = paths["png"].read_bytes()

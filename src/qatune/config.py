@@ -100,6 +100,10 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
                 )
                 hint = _closest(key, _all_keys(cfg), fallback=level)
                 raise ConfigError(f"unknown config key {key!r}{hint}; use +{key}=... to add a new key")
+        parent = key.rpartition(".")[0]
+        if parent and OmegaConf.select(cfg, parent, default=_MISSING) is None:
+            raise ConfigError(f"override {item!r}: {parent} is null in this config; a config that sets the section "
+                              f"is needed (e.g. a *_lora config for lora)")  # fmt: skip
         try:
             value = _parse_value(raw)
             # Lists replace the old list; merge=True lets a typed list (of dataclasses) convert its items.

@@ -207,9 +207,8 @@ class _OptimizerSteps:
 register_optimizer_step_post_hook(_OptimizerSteps.bump)
 
 
-def _weight_qparams(module: nn.Module, spec: FakeQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _weight_qparams(module: nn.Module, w: torch.Tensor, spec: FakeQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight (scale, zero_point), cached until the optimizer changes the weight (micro-batches share them)."""
-    w = module.weight
     key = (_OptimizerSteps.count, w.data_ptr(), w._version, w.dtype, spec)
     cached = module.__dict__.get("_fused_weight_qparams")
     if cached is None or cached[0] != key:
@@ -287,10 +286,11 @@ def fused_linear_forward(module: FakeQuantizedLinear, x: torch.Tensor) -> torch.
     act, wq = module.activation_fake_quantizer, module.weight_fake_quantizer
     act_spec = act_spec if act is not None and act.enabled else None
     weight_spec = weight_spec if wq is not None and wq.enabled else None
+    weight = module.weight  # read once: with a LoRA parametrization (qatune.lora) each read computes W + s B A
     if act_spec is None and weight_spec is None:
-        return F.linear(x, module.weight, module.bias)
-    w_qparams = _weight_qparams(module, weight_spec) if weight_spec is not None else (None, None)
-    return _FakeQuantizedLinearFunction.apply(x, module.weight, module.bias, act_spec, weight_spec, *w_qparams)
+        return F.linear(x, weight, module.bias)
+    w_qparams = _weight_qparams(module, weight, weight_spec) if weight_spec is not None else (None, None)
+    return _FakeQuantizedLinearFunction.apply(x, weight, module.bias, act_spec, weight_spec, *w_qparams)
 
 
 def is_fused(module: nn.Module) -> bool:

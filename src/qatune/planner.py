@@ -172,6 +172,29 @@ def _model_stats(key: str, qat_scheme: str | None, group_size: int) -> ModelStat
     )
 
 
+@dataclass(frozen=True)
+class LoraStats:
+    adapter_params: int  # rank x (in + out) summed over the adapted linears
+    layer_weight_params: int  # the adapted weights of one decoder layer
+
+
+def lora_stats(model: str | Path | dict | Any, rank: int, targets: tuple[str, ...]) -> LoraStats:
+    """The adapters qatune.lora would add (same target rule), counted on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    from qatune.lora import lora_targets
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(load_architecture(model))
+    names = lora_targets(meta, list(targets))
+    chosen = [meta.get_submodule(n) for n in names]
+    layer0 = [meta.get_submodule(n) for n in names if n.startswith("model.layers.0.")]
+    return LoraStats(
+        adapter_params=sum(rank * (m.in_features + m.out_features) for m in chosen),
+        layer_weight_params=sum(m.weight.numel() for m in layer0),
+    )
+
+
 def _prepare_on_meta(model: torch.nn.Module, scheme: str, group_size: int) -> str:
     """Apply torchao's QAT prepare to the meta model; fall back to "every nn.Linear" if torchao refuses."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
@@ -217,6 +240,7 @@ def _memory(
     activation_checkpointing: bool,
     qat_scheme: str | None,
     group_size: int,
+    lora: LoraStats | None = None,
 ) -> dict[str, float]:
     """Per-GPU bytes of each part (formulas: docs/memory.md)."""
     shards = num_gpus if strategy == "fsdp2" else 1
@@ -236,6 +260,11 @@ def _memory(
     elif strategy == "ddp":
         grads += master * p  # DDP's flat communication buckets (gradient_as_bucket_view=False)
     optimizer_bytes = OPTIMIZER_STATES[optimizer] * master * p / shards  # torch keeps states in the param dtype
+    if lora is not None:  # QAT + LoRA (qatune.lora): a frozen base in the compute dtype, fp32 adapters train
+        a = lora.adapter_params
+        weights = compute * p + 4 * a  # no autocast copies: the base already is in the compute dtype
+        grads = 4 * a * (2 if strategy == "ddp" else 1)  # (DDP: plus its buckets)
+        optimizer_bytes = OPTIMIZER_STATES[optimizer] * 4 * a
 
     tokens = batch_size * seq_len
     h, i, kv, n_layers = s.hidden, s.intermediate, s.kv_dim, s.num_layers
@@ -254,8 +283,10 @@ def _memory(
         if qat_scheme != "4w":  # dynamic per-token activation fake quant
             fq_layer += tokens * (20 * h + 2 * i + 4 * s.linears_per_layer) * act_scale
             fq_head += tokens * (4 * h + 4) * act_scale
+    if lora is not None:  # each adapted linear also saves its merged weight W + s B A for the backward
+        fq_layer += compute * lora.layer_weight_params
     # Autocast over fp32 weights keeps the residual stream in fp32, as does fp32 training.
-    residual_bytes = 4 if dtype in ("fp32", "bf16") else 2
+    residual_bytes = 4 if dtype in ("fp32", "bf16") and lora is None else compute
     without_ac = n_layers * (layer + fq_layer) + head + fq_head
     # Checkpointing keeps each layer's input; backward recomputes one layer at a time.
     with_ac = n_layers * tokens * h * residual_bytes + (layer + fq_layer) + head + fq_head
@@ -288,9 +319,12 @@ def plan_memory(
     qat_scheme: str = "8da4w",
     group_size: int = 32,
     gpu_memory_gb: float = 80,
+    lora_rank: int = 0,
+    lora_targets: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Per-GPU memory plan of full fine-tuning (with QAT fake quantization when `qat`), and what to change if it
-    does not fit. `strategy` defaults to fsdp2 on several GPUs, single on one. Bytes are per GPU."""
+    """Per-GPU memory plan of full fine-tuning (with QAT fake quantization when `qat`), or with `lora_rank` of
+    QAT + LoRA, and what to change if it does not fit. `strategy` defaults to fsdp2 on several GPUs, single on one.
+    Bytes are per GPU."""
     strategy = strategy or ("fsdp2" if num_gpus > 1 else "single")
     _check(num_gpus=num_gpus, strategy=strategy, dtype=dtype, optimizer=optimizer, batch_size=batch_size,
            seq_len=seq_len, qat_scheme=qat_scheme, group_size=group_size, gpu_memory_gb=gpu_memory_gb)  # fmt: skip
@@ -299,6 +333,8 @@ def plan_memory(
     knobs = dict(num_gpus=num_gpus, strategy=strategy, dtype=dtype, optimizer=optimizer, batch_size=batch_size,
                  seq_len=seq_len, activation_checkpointing=activation_checkpointing, qat_scheme=scheme,
                  group_size=group_size)  # fmt: skip
+    if lora_rank:
+        knobs["lora"] = lora_stats(model_path_or_config, lora_rank, tuple(lora_targets))
     memory = _memory(stats, **knobs)
     budget = gpu_memory_gb * GB * FIT_FRACTION
     fits = memory["total"] <= budget
@@ -308,7 +344,9 @@ def plan_memory(
         "num_layers": stats.num_layers,
         "fake_quantized_params": stats.num_layers * stats.layer_linear_params + stats.head_linear_params,
         "fake_quant": stats.fake_quant,
-        **{k: v for k, v in knobs.items() if k != "qat_scheme"},
+        **{k: v for k, v in knobs.items() if k not in ("qat_scheme", "lora")},
+        "lora_rank": lora_rank,
+        "trainable_params": knobs["lora"].adapter_params if lora_rank else stats.params,
         "qat": scheme,
         "gpu_memory_gb": gpu_memory_gb,
         "bytes": memory,
@@ -412,6 +450,8 @@ def estimate_from_config(cfg, num_gpus: int = 1) -> dict[str, Any]:
         qat_scheme=str(get("quantizer.scheme", "8da4w")),
         group_size=int(get("quantizer.group_size", 32)),
         gpu_memory_gb=float(get("gpu_memory_gb", 80)),
+        lora_rank=int(get("lora.rank", 0)),
+        lora_targets=tuple(get("lora.target_modules", ())),
     )
 
 
@@ -420,7 +460,11 @@ def format_plan(plan: dict[str, Any]) -> str:
     b = plan["bytes"]
     ac = "on" if plan["activation_checkpointing"] else "off"
     dtype = plan["dtype"] + (" (fp32 master weights)" if plan["dtype"] == "bf16" else "")
+    if plan.get("lora_rank"):
+        dtype = plan["dtype"] + (" compute, frozen bf16 base, fp32 adapters" if plan["dtype"] == "bf16" else "")
     qat = f"{plan['qat']} (group {plan['group_size']})" if plan["qat"] else "off"
+    if plan.get("lora_rank"):
+        qat += f", LoRA rank {plan['lora_rank']} ({plan['trainable_params']:,} trainable parameters, frozen base)"
     rows = [
         ("weights (+ compute copies)", b["weights"]),
         ("gradients", b["grads"]),

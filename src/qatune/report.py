@@ -124,6 +124,7 @@ def _training_rows(report: Mapping[str, Any]) -> list[list[str]]:
             _num(t.get("tokens_per_s"), ".1f"),
             _mib(t.get("peak_memory_bytes")),
             _num(t.get("wall_s"), ".1f"),
+            f"{t['trainable_params']:,}" if t.get("trainable_params") else "—",
         ])  # fmt: skip
     return rows
 
@@ -168,7 +169,8 @@ def format_markdown(report: Mapping[str, Any], png_name: str | None = None) -> s
     training_rows = _training_rows(report)
     if training_rows:
         lines += ["## Training", ""]
-        lines += markdown_table(["run", "steps", "tokens", "tokens/s", "peak memory", "wall s"], training_rows)
+        header = ["run", "steps", "tokens", "tokens/s", "peak memory", "wall s", "trainable params"]
+        lines += markdown_table(header, training_rows)
         lines += [""]
     if png_name:
         lines += [f"![perplexity per model]({png_name})", ""]

@@ -91,6 +91,7 @@ class TrainResult:
     peak_memory_bytes: int
     final_loss: float
     losses: list[float]
+    trainable_params: int = 0  # parameters the optimizer updates (LoRA: the adapters only)
 
 
 STRATEGIES = ("ddp", "fsdp2")
@@ -453,6 +454,7 @@ def train(
     """
     output_dir = Path(output_dir)
     set_seed(seed)
+    trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
     p = prepare(model, dataset, cfg, optimizer_cfg, scheduler_cfg, accelerator, seed, eval_dataset)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -520,6 +522,7 @@ def train(
         peak_memory_bytes=peak_memory_since_reset(accelerator.device),
         final_loss=state.losses[-1] if state.losses else float("nan"),
         losses=state.losses,
+        trainable_params=trainable,
     )
 
 
