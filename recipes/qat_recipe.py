@@ -31,7 +31,7 @@ from qatune.evaluation import check_eval_args, perplexity, text_windows
 from qatune.export import check_export_formats, export_model
 from qatune.files import check_output_dir, check_previous_run, remove_previous_run
 from qatune.fsdp import load_sharded
-from qatune.lora import LoraConfig, add_lora_, check_lora_config, merge_lora_
+from qatune.lora import LoraConfig, add_lora_, check_lora_config, merge_lora_, save_adapter
 from qatune.measure import check_measure_args, measure_model, model_size, speed_prompt
 from qatune.models import ModelConfig, check_model_config, load_model, load_tokenizer
 from qatune.quantization import (
@@ -88,7 +88,7 @@ class ExportConfig:
 # What a run writes into output_dir: a second run there is refused unless overwrite=true (which removes these first)
 # or resume=true (which continues the checkpoints under qat/ and bf16_finetuned/).
 RUN_FILES = ("int4", "report.json", "report.md", "report.png", "vllm", "model-*.gguf", "model-*.pte", "qat",
-             "bf16_finetuned")  # fmt: skip
+             "bf16_finetuned", "adapter")  # fmt: skip
 
 
 @dataclass
@@ -262,6 +262,8 @@ def main(cfg: DictConfig) -> dict:
             run_identity=run_identity(cfg, accelerator.num_processes, name),
         )  # fmt: skip
         if cfg.lora and model is not None:
+            if name == "qat":  # the float adapters alone, for peft users
+                print(f"adapter (peft format): {save_adapter(model, out / 'adapter', cfg.lora, cfg.model.path)}")
             merge_lora_(model)  # the weight the fake quantizer saw, written back: convert gives its int4 codes
         return model, {k: v for k, v in vars(run).items() if k != "losses"}
 

@@ -280,7 +280,8 @@ def test_a_failure_on_rank_0_stops_every_rank_at_once(inputs):
     # other, so one of the two may be cut (a race); the cause is in each, and the launcher's summary is last.
     cause = "model.path 'trap': its weights could not be read (Error while deserializing header"
     assert any(cause in e for e in errors[:-1]), errors
-    assert all(e.startswith(("error: model.path", "error: rank 0 could not load the model")) for e in errors[:-1])
+    first_words = ("error: model.path", "error: rank 0 failed (ConfigError: model.path")
+    assert all(e.startswith(first_words) for e in errors[:-1])
     assert errors[-1].startswith("error: workers failed (rank 0 exit code ") and "rank 1 exit code" in errors[-1]
 
 

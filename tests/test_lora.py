@@ -9,7 +9,7 @@ from test_training import Blocks, Killed, kill_at
 
 from qatune.errors import ConfigError
 from qatune.lora import add_lora_, check_lora_config, has_lora, lora_targets, merge_lora_
-from qatune.quantization import convert_to_int4, fake_quantize_, quantize_ptq_, resolve_quantizer
+from qatune.quantization import convert_to_int4, enable_fake_quant, fake_quantize_, quantize_ptq_, resolve_quantizer
 from qatune.training import TrainConfig, _checkpoints, make_accelerator, train
 
 LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
@@ -148,3 +148,66 @@ def test_the_planner_fits_llama3_8b_lora_on_one_gpu_and_counts_the_adapters():
     assert b["weights"] == 2 * 8_030_261_248 + 4 * 41_943_040  # the frozen base in bf16, the adapters in fp32
     tiny = lora_stats(make_tiny_llama().config.to_dict(), 4, ("q_proj",))
     assert tiny.adapter_params == 2 * 4 * (256 + 256) and tiny.layer_weight_params == 256 * 256
+
+
+def random_adapters_(model, seed=5):
+    """B != 0 (a trained adapter), without the cost of training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def adapted_weights(model):
+    return {n: model.get_submodule(n).weight.detach().clone() for n in lora_targets(model, LORA["target_modules"])}
+
+
+def test_under_bf16_autocast_the_forward_sees_the_weight_the_merge_writes():
+    """GPU set-up on CPU: frozen bf16 base, bf16 autocast. B A is computed in fp32 inside the forward too, so the
+    weight the fake quantizer saw is the merged one bit for bit (a bf16 B A would round differently)."""
+    q = resolve_quantizer({"scheme": "8da4w", "group_size": 32})
+    model = random_adapters_(add_lora_(fake_quantize_(make_tiny_llama(seed=1).to(torch.bfloat16), q), LORA)).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seen, trained = adapted_weights(model), logits(model)
+    base = {n: model.get_submodule(n).parametrizations.weight.original for n in seen}
+    assert all(w.dtype == torch.bfloat16 and not torch.equal(w, base[n]) for n, w in seen.items())
+    merge_lora_(model)
+    assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in seen.items())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(logits(model), trained)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_saved_adapter_loads_in_peft_and_merges_to_the_same_weights_and_int4_codes(tmp_path, dtype):
+    """The adapter alone, in peft's format: peft loads it onto the base, its forward matches ours (float), and its
+    merge_and_unload gives our merged weights bit for bit, so the same scheme's PTQ of them gives our int4 model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qatune.lora import save_adapter
+
+    make_tiny_llama(seed=1).save_pretrained(tmp_path / "base")
+    q = resolve_quantizer({"scheme": "8da4w", "group_size": 32})
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=dtype)
+    ours = random_adapters_(add_lora_(fake_quantize_(ours, q), LORA)).eval()
+    save_adapter(ours, tmp_path / "adapter", LORA, str(tmp_path / "base"))
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    float_ours = enable_fake_quant(copy.deepcopy(ours), False)
+
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=dtype)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert peft_model.peft_config["default"].r == LORA["rank"]
+    atol = 0.05 if dtype == torch.bfloat16 else 1e-4  # peft adds B(A x) beside W x; ours computes (W + s B A) x
+    torch.testing.assert_close(logits(peft_model).float(), logits(float_ours).float(), rtol=0, atol=atol)
+
+    merged = peft_model.merge_and_unload()
+    merge_lora_(ours)
+    for name in lora_targets(ours, LORA["target_modules"]):
+        assert torch.equal(merged.get_submodule(name).weight, ours.get_submodule(name).weight), name
+    convert_to_int4(ours, q)
+    assert torch.equal(logits(quantize_ptq_(merged, q)), logits(ours))

@@ -94,6 +94,11 @@ def test_lora_end_to_end_its_int4_checkpoint_is_the_trained_model(tiny_checkpoin
                        batch_size=4, progress=False)  # fmt: skip
     assert again["perplexity"] == pytest.approx(report["results"]["qat"]["perplexity"], rel=1e-6)
     assert not any("lora" in name for name, _ in model.named_parameters())  # merged: a plain int4 checkpoint
+    from safetensors.torch import load_file
+
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")  # the adapters alone, as peft names them
+    assert sum(t.numel() for t in adapter.values()) == runs["qat"]["trainable_params"]
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in adapter
 
 
 def test_delayed_fake_quant_trains_float_first(tiny_checkpoint, tmp_path):

@@ -32,6 +32,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
+from qatune.errors import on_rank0
+
 
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
@@ -64,21 +66,10 @@ def load_sharded(
     rank calls it under the meta device. The error of a failed load on rank 0 is raised there; the other ranks stop
     with one line instead of waiting at a collective.
     """
-    whole, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            whole = load_whole()
-        except Exception as e:
-            error = e
-    sent = [(whole.config, None) if whole is not None else (None, f"{type(error).__name__}: {error}")]
+    whole = on_rank0(load_whole)
+    sent = [whole.config if whole is not None else None]
     dist.broadcast_object_list(sent, src=0)
-    config, failed = sent[0]
-    if error is not None:
-        raise error
-    if failed is not None:
-        from qatune.errors import TrainingError
-
-        raise TrainingError(f"rank 0 could not load the model ({failed.splitlines()[0]}); every rank stops")
+    config = sent[0]
     with torch.device("meta"):
         model = build(config)
     shard_(model)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qatune.errors import ConfigError, check_at_least
+from qatune.errors import ConfigError, check_at_least, is_positive_number
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -44,7 +44,7 @@ def check_lora_config(lora: Mapping[str, Any] | None, model_path: str | None = N
         return
     check_at_least("lora.rank", lora.get("rank"), 1)
     alpha = lora.get("alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
+    if not is_positive_number(alpha):
         raise ConfigError(f"lora.alpha={alpha!r}: give a positive number (the update is alpha / rank · B A)")
     if lora.get("dropout", 0.0) != 0:
         raise ConfigError(
@@ -55,11 +55,11 @@ def check_lora_config(lora: Mapping[str, Any] | None, model_path: str | None = N
     if not targets:
         raise ConfigError(f"lora.target_modules is empty: name linear modules, e.g. [{', '.join(LLAMA_LINEARS)}]")
     if model_path is not None and (Path(model_path).expanduser() / "config.json").is_file():
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(Path(model_path).expanduser()))
-        lora_targets(model, targets)
+        from qatune.models import meta_model
+
+        lora_targets(meta_model(AutoConfig.from_pretrained(Path(model_path).expanduser())), targets)
 
 
 def _matches(name: str, target: str) -> bool:
@@ -92,7 +92,11 @@ class LoraDelta(nn.Module):
         self.scaling = alpha / rank
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (self.scaling * (self.lora_B @ self.lora_A)).to(weight.dtype)
+        # The delta in fp32 even under bf16 autocast (else training would see a bf16 B A and the merge, which runs
+        # outside autocast, an fp32 one); W + delta rounded once to W's dtype: peft's merge computes the same bits.
+        with torch.autocast(weight.device.type, enabled=False):
+            delta = (self.lora_B @ self.lora_A) * self.scaling
+        return (weight + delta).to(weight.dtype)
 
 
 def add_lora_(model: nn.Module, lora: Mapping[str, Any]) -> nn.Module:
@@ -106,6 +110,31 @@ def add_lora_(model: nn.Module, lora: Mapping[str, Any]) -> nn.Module:
         delta = LoraDelta(m.out_features, m.in_features, int(lora["rank"]), float(lora["alpha"]), m.weight.device)
         parametrize.register_parametrization(m, "weight", delta)
     return model
+
+
+def save_adapter(model: nn.Module, directory: str | Path, lora: Mapping[str, Any], base_model: str) -> Path:
+    """The trained adapters alone, as peft saves them (adapter_config.json + adapter_model.safetensors), before
+    merge_lora_: `PeftModel.from_pretrained(base, directory)` loads them, and peft's merge_and_unload gives the
+    merged weights bit for bit, so quantizing those with the same scheme gives the int4 codes of `int4/`."""
+    import peft
+    from safetensors.torch import save_file
+
+    from qatune.files import atomic_dir
+
+    state = {}
+    for name, m in model.named_modules():
+        if parametrize.is_parametrized(m, "weight"):
+            delta = m.parametrizations.weight[0]
+            for part in ("lora_A", "lora_B"):
+                state[f"base_model.model.{name}.{part}.weight"] = getattr(delta, part).detach().cpu().contiguous()
+    config = peft.LoraConfig(
+        r=int(lora["rank"]), lora_alpha=float(lora["alpha"]), lora_dropout=0.0, bias="none",
+        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM", base_model_name_or_path=base_model,
+    )  # fmt: skip
+    with atomic_dir(directory) as tmp:
+        config.save_pretrained(tmp)
+        save_file(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    return Path(directory)
 
 
 def merge_lora_(model: nn.Module) -> nn.Module:

@@ -263,6 +263,12 @@ def check_architecture(config: PretrainedConfig) -> None:
         )
 
 
+def meta_model(config: PretrainedConfig) -> PreTrainedModel:
+    """The architecture on the meta device: shapes and module names, no memory, no weights read."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load_model(
     path_or_id: str, dtype: str = "auto", device: str | torch.device = "cpu", revision: str | None = None
 ) -> PreTrainedModel:

@@ -139,13 +139,13 @@ def _arch_key(config) -> str:
 
 @functools.lru_cache(maxsize=32)
 def _model_stats(key: str, qat_scheme: str | None, group_size: int) -> ModelStats:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from qatune.models import meta_model
 
     values = json.loads(key)
     config = AutoConfig.for_model(values.pop("model_type"), **values)
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config)
     params = sum(p.numel() for p in model.parameters())
     layers = model.model.layers
     fake_quant = "none"
@@ -180,12 +180,10 @@ class LoraStats:
 
 def lora_stats(model: str | Path | dict | Any, rank: int, targets: tuple[str, ...]) -> LoraStats:
     """The adapters qatune.lora would add (same target rule), counted on the meta device."""
-    from transformers import AutoModelForCausalLM
-
     from qatune.lora import lora_targets
+    from qatune.models import meta_model
 
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(load_architecture(model))
+    meta = meta_model(load_architecture(model))
     names = lora_targets(meta, list(targets))
     chosen = [meta.get_submodule(n) for n in names]
     layer0 = [meta.get_submodule(n) for n in names if n.startswith("model.layers.0.")]

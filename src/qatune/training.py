@@ -27,7 +27,7 @@ from qatune import fsdp
 from qatune.config import instantiate
 from qatune.data import IGNORE_INDEX
 from qatune.device import mmap_large_cpu_tensors
-from qatune.errors import ConfigError, TrainingError, check_at_least
+from qatune.errors import ConfigError, TrainingError, check_at_least, is_positive_number, on_rank0
 from qatune.files import atomic_write_json, atomic_write_text
 from qatune.measure import peak_memory_since_reset, reset_peak_memory
 
@@ -71,15 +71,11 @@ def check_train_config(cfg: Mapping[str, Any], optimizer_cfg: Mapping[str, Any] 
     if cfg.get("mixed_precision", "auto") not in MIXED_PRECISION:
         raise ConfigError(f"mixed_precision {cfg.get('mixed_precision')!r} is not one of {', '.join(MIXED_PRECISION)}")
     clip = cfg.get("clip_grad_norm")
-    if clip is not None and not _positive_number(clip):
+    if clip is not None and not is_positive_number(clip):
         raise ConfigError(f"clip_grad_norm={clip!r}: give a positive number, or null for no clipping")
     lr = (optimizer_cfg or {}).get("lr")
-    if lr is not None and not _positive_number(lr):
+    if lr is not None and not is_positive_number(lr):
         raise ConfigError(f"optimizer.lr={lr!r}: give a positive finite learning rate, e.g. 2e-5")
-
-
-def _positive_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 @dataclass
@@ -149,23 +145,8 @@ def make_accelerator(
 
 def main_process_first(accelerator: Accelerator, fn: Callable[[], Any]) -> Any:
     """fn() on the main process, then on the others: downloads and caches are filled once. If it fails on the main
-    process the error is raised there and the other ranks stop with one line, instead of waiting at a barrier until
-    the collective timeout."""
-    if accelerator.num_processes == 1:
-        return fn()
-    from accelerate.utils import broadcast_object_list
-
-    result, failed = None, [None]
-    if accelerator.is_main_process:
-        try:
-            result = fn()
-        except Exception as e:
-            failed = [f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
-            broadcast_object_list(failed)
-            raise
-    broadcast_object_list(failed)
-    if failed[0] is not None:
-        raise TrainingError(f"the main process failed ({failed[0]}); every rank stops")
+    process the error is raised there and the other ranks stop with one line (`on_rank0`)."""
+    result = on_rank0(fn)
     return result if accelerator.is_main_process else fn()
 
 
