@@ -35,6 +35,7 @@ from qatune.lora import LoraConfig, add_lora_, check_lora_config, merge_lora_, s
 from qatune.measure import check_measure_args, measure_model, model_size, speed_prompt
 from qatune.models import ModelConfig, check_model_config, load_model, load_tokenizer
 from qatune.quantization import (
+    check_quantizer_fits,
     convert_to_int4,
     enable_fake_quant,
     fake_quantize_,
@@ -125,6 +126,7 @@ def check_config(cfg: DictConfig) -> None:
     q = resolve_quantizer(cfg.quantizer)
     check_model_config(cfg.model)
     check_dataset_config(cfg.dataset)
+    check_quantizer_fits(q, cfg.model.path)
     check_lora_config(cfg.lora, cfg.model.path)
     if cfg.lora is not None and cfg.distributed.strategy == "fsdp2":
         raise ConfigError("lora with distributed.strategy=fsdp2: not supported; the frozen base is held once per GPU, "

@@ -21,7 +21,7 @@ from qatune.device import check_device, resolve_device
 from qatune.errors import ConfigError, check_at_least
 from qatune.files import check_output_dir
 from qatune.models import ModelConfig, check_model_config, load_model, load_tokenizer
-from qatune.quantization import resolve_quantizer
+from qatune.quantization import check_quantizer_fits, resolve_quantizer
 from qatune.sensitivity import GRANULARITIES, analyze, validation_text, write_sensitivity
 
 
@@ -53,7 +53,7 @@ def check_config(cfg: DictConfig) -> None:
     check_model_config(cfg.model)
     check_device(cfg.device)
     check_output_dir(cfg.output_dir)
-    resolve_quantizer(cfg.quantizer)
+    check_quantizer_fits(resolve_quantizer(cfg.quantizer), cfg.model.path)
     check_dataset_config(cfg.dataset)
     if cfg.granularity not in GRANULARITIES:
         raise ConfigError(f"granularity {cfg.granularity!r} is not one of {', '.join(GRANULARITIES)}")

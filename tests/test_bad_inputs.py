@@ -47,6 +47,8 @@ WEIGHT_FREE = [
     ("model.path=no/such/dir", "model.path 'no/such/dir': no such checkpoint directory"),
     ("eval_dataset.max_documents=0", "eval_dataset.max_documents must be a positive integer or null, got 0"),
     ("dataset.path=nope.jsonl", "dataset.path 'nope.jsonl' does not exist"),
+    ("quantizer.embedding=int2", "quantizer embedding 'int2' is not one of none, int8, int4"),
+    ("quantizer.embedding_group_size=48", "quantizer embedding_group_size 48 is not supported; use one of (32, 64"),
 ]
 
 
@@ -306,3 +308,25 @@ def test_bad_lora_values_get_one_line_before_weights_load(override, message, cap
 def test_a_lora_key_on_a_config_without_lora_says_which_config(capsys):
     assert main(["validate", "smollm2_135m", "+lora.rank=8"]) == 2
     assert "lora is null in this config" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["quantizer.embedding=int4", "quantizer.embedding_group_size=64"],
+         "quantizer embedding_group_size 64 does not divide model.embed_tokens's embedding_dim 96; use one of [32]"),
+        (["quantizer.skip=[embed]"], "quantizer skip pattern 'embed' matches no linear layer or embedding (names look"),
+    ],
+)  # fmt: skip
+def test_quantizer_settings_the_model_cannot_take_are_refused_from_config_json(
+    overrides, message, capsys, inputs, tmp_path_factory
+):
+    wide = tmp_path_factory.mktemp("wide")  # outside `inputs`, which checks that nothing is written there
+    config = make_tiny_llama().config
+    config.hidden_size = 96
+    config.save_pretrained(wide)  # a config.json, no weights: the check must not need them
+    overrides = [f"model.path={wide}", *overrides, "output_dir=out"]
+    assert main(["validate", "smollm2_135m", *overrides]) == 2
+    assert message in one_error_line(capsys)
+    assert main(["run", "qat_recipe", "--config", "smollm2_135m", *overrides]) == 2
+    assert message in one_error_line(capsys)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import gguf
 import numpy as np
@@ -21,6 +22,7 @@ from torchao.quantization import (
 from qatune.export import export_executorch, export_gguf, generate_pte, permute_for_llama_cpp
 
 Q4_0 = gguf.GGMLQuantizationType.Q4_0
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
 
 def int4_model(group_size: int = 32, tied: bool = False, lm_head: bool = True, layers: int = 2, **config) -> nn.Module:
@@ -47,6 +49,13 @@ def q4_0_codes_and_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes.reshape(rows, -1), d
 
 
+def q8_0_codes_and_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decode Q8_0 bytes per ggml's block_q8_0: fp16 d, then 32 int8 codes."""
+    rows = blocks.shape[0]
+    blocks = blocks.reshape(rows, -1, 34)
+    return blocks[..., 2:].copy().view(np.int8).reshape(rows, -1), blocks[..., :2].copy().view(np.float16)[..., 0]
+
+
 def gguf_tensors(path) -> dict[str, gguf.ReaderTensor]:
     return {t.name: t for t in gguf.GGUFReader(path).tensors}
 
@@ -59,11 +68,12 @@ def linear_weights(model: nn.Module) -> dict[str, IntxUnpackedToInt8Tensor]:
     }
 
 
-def fp16_scale_twin(model: nn.Module) -> nn.Module:
+def fp16_scale_twin(model: nn.Module, tied: bool = False) -> nn.Module:
     """A float tiny Llama holding the int4 model's values with fp16 scales: what llama.cpp multiplies by."""
-    twin = make_tiny_llama()
+    twin = make_tiny_llama(tie_word_embeddings=tied)
+    quantized = {n: w for n, w in model.named_parameters() if isinstance(w, IntxUnpackedToInt8Tensor)}
     with torch.no_grad():
-        for name, w in linear_weights(model).items():
+        for name, w in quantized.items():  # the linears, and a quantized embedding
             scale16 = w.scale.half().float().repeat_interleave(w.block_size[1], dim=1)
             twin.get_parameter(name).copy_(w.qdata.float() * scale16)
     return twin
@@ -278,7 +288,7 @@ def test_sentencepiece_style_tokenizer_is_refused(tmp_path):
 
 def test_executorch_pte_generates_like_eager(tmp_path):
     pytest.importorskip("executorch", reason="needs the executorch extra")
-    from executorch.runtime import Runtime
+    from qatune.export.executorch import load_pte
 
     model = int4_model(layers=1)
     # XNNPACK stores group scales in bf16. With bf16-representable scales the .pte computes what torchao eager does
@@ -299,7 +309,7 @@ def test_executorch_pte_generates_like_eager(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, eager_logits, rtol=0, atol=0)
     assert generate_pte(path, prompt, max_new_tokens=16) == ids[0, len(prompt) :].tolist()
-    forward = Runtime.get().load_program(path).load_method("forward")
+    forward = load_pte(path)
     pte_logits = forward.execute([ids, torch.arange(ids.shape[1])])[0]
     torch.testing.assert_close(pte_logits, eager_logits, rtol=1e-4, atol=1e-5)
 
@@ -400,3 +410,80 @@ def test_recipe_reports_the_pte_as_executorch_runs_it(tiny_checkpoint, tmp_path)
     assert served["perplexity"] == pytest.approx(eager["perplexity"], rel=0.02)
     assert served["tokens"] == eager["tokens"] and served["decode_tokens_per_s"] > 0
     assert "run by executorch" in (out / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ quantized embeddings
+
+
+def embedding_model(embedding: str, tied: bool = False, layers: int = 2) -> nn.Module:
+    """PTQ through qatune (the path convert_to_int4 shares): 8da4w linears, lm_head included, and the embedding."""
+    from qatune.quantization import QuantScheme, quantize_ptq_
+
+    return quantize_ptq_(make_tiny_llama(tie_word_embeddings=tied, layers=layers), QuantScheme(embedding=embedding))
+
+
+@pytest.mark.parametrize(("embedding", "qtype"), [("int4", Q4_0), ("int8", Q8_0)])
+def test_gguf_token_embd_holds_the_embedding_codes_and_scales(tmp_path, tiny_tokenizer, embedding, qtype):
+    model = embedding_model(embedding)
+    w = model.model.embed_tokens.weight
+    tensors = gguf_tensors(export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf"))
+    t = tensors["token_embd.weight"]
+    assert t.tensor_type == qtype and "output.weight" in tensors  # untied: lm_head is its own table
+    blocks = np.asarray(t.data)
+    codes, d = (q4_0_codes_and_scales if qtype == Q4_0 else q8_0_codes_and_scales)(blocks)
+    np.testing.assert_array_equal(codes, w.qdata.numpy())  # no re-quantization
+    scale16 = w.scale.float().numpy().astype(np.float16)
+    np.testing.assert_array_equal(d, scale16)
+    dequant = gguf.quants.dequantize(blocks, qtype).reshape(w.shape)  # gguf's own dequantizer
+    expected = w.qdata.float() * torch.from_numpy(scale16).float().repeat_interleave(32, dim=1)
+    np.testing.assert_array_equal(dequant, expected.numpy())
+
+
+def test_gguf_writes_a_tied_int4_embedding_and_lm_head_once(tmp_path, tiny_tokenizer):
+    """Tied, embedding int4 at the linears' group size: lm_head's codes are the embedding's, so one token_embd
+    table serves both (llama.cpp multiplies by it when output.weight is absent); transformers reads it back so."""
+    from transformers import AutoModelForCausalLM
+
+    model = embedding_model("int4", tied=True)
+    head, table = model.lm_head.weight, model.model.embed_tokens.weight
+    assert torch.equal(head.qdata, table.qdata) and torch.equal(head.scale, table.scale)
+    path = export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf")
+    tensors = gguf_tensors(path)
+    assert "output.weight" not in tensors and tensors["token_embd.weight"].tensor_type == Q4_0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
+    ids = torch.tensor([tiny_tokenizer("def f(x):\n    return x * 2")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(ids).logits, fp16_scale_twin(model, tied=True)(ids).logits, rtol=1e-4, atol=1e-4
+        )
+
+    int8 = embedding_model("int8", tied=True)  # int8 table, int4 head: two tables
+    two = export_gguf(int8, tiny_tokenizer, tmp_path / "two.gguf")
+    tensors = gguf_tensors(two)
+    assert tensors["output.weight"].tensor_type == Q4_0 and tensors["token_embd.weight"].tensor_type == Q8_0
+    table_bytes = 512 * 256 // 32 * 18  # one Q4_0 table
+    assert os.path.getsize(two) - os.path.getsize(path) >= table_bytes
+
+
+@pytest.mark.parametrize("embedding", ["int4", "int8"])
+def test_executorch_runs_the_quantized_embedding_from_its_codes(tmp_path, embedding):
+    """The .pte holds the embedding as ExecuTorch's quantized embedding op (codes + scales, not a float table) and
+    computes the eager model's logits."""
+    pytest.importorskip("executorch", reason="needs the executorch extra")
+    from qatune.export.executorch import load_pte
+
+    model = embedding_model(embedding, layers=1)
+    with torch.no_grad():  # bf16-representable scales: XNNPACK keeps linear scales in bf16 (see the test above)
+        for w in model.parameters():
+            if isinstance(w, IntxUnpackedToInt8Tensor):
+                w.scale.copy_(w.scale.bfloat16().float())
+    ids = torch.tensor([[5, 17, 42, 99, 7, 300]])
+    with torch.no_grad():
+        eager = model(ids).logits
+    path = export_executorch(model, tmp_path / "m.pte", max_seq_len=32)
+    got = load_pte(path).execute([ids, torch.arange(ids.shape[1])])[0]
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-5)
+    float_table = 512 * 256 * 4
+    codes = 512 * 256 * (4 if embedding == "int4" else 8) // 8
+    plain = export_executorch(embedding_model("none", layers=1), tmp_path / "plain.pte", max_seq_len=32)
+    assert os.path.getsize(plain) - os.path.getsize(path) >= 0.9 * (float_table - codes - 512 * 256 // 32 * 4)

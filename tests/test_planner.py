@@ -199,3 +199,30 @@ def test_layer_formula_matches_saved_tensors(qat):
     one = plan_memory({**arch, "num_hidden_layers": 1}, qat=qat, **plan_kw)["bytes"]["activations"]
     assert two - one == measured
     assert model_stats(arch, "8da4w" if qat else None).params == sum(p.numel() for p in build(1).parameters())
+
+
+@pytest.mark.parametrize("embedding_group_size", [32, 64])
+def test_embedding_fake_quant_term_matches_saved_tensors(embedding_group_size):
+    """quantizer.embedding: what torchao's FakeQuantizedEmbedding saves for backward on fp32 weights (the recipe's
+    master weights) == the plan's extra activation bytes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qatune.quantization import QuantScheme, fake_quantize_
+
+    config = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+
+    def saved(embedding: str) -> int:
+        torch.manual_seed(0)
+        q = QuantScheme(scheme="4w", embedding=embedding, embedding_group_size=embedding_group_size, fused=False)
+        return _saved_bytes(fake_quantize_(LlamaForCausalLM(config).train(), q), 2, 16)
+
+    measured = saved("int4") - saved("none")
+    kw = dict(dtype="fp32", batch_size=2, seq_len=16, qat_scheme="4w", activation_checkpointing=False)
+    with_embedding = plan_memory(config.to_dict(), embedding_group_size=embedding_group_size, **kw)["bytes"]
+    without = plan_memory(config.to_dict(), **kw)["bytes"]
+    assert (
+        with_embedding["activations"] - without["activations"]
+        == measured
+        == (4 + 8 / embedding_group_size) * 2048 * 256
+    )

@@ -387,3 +387,98 @@ def test_smollm2_both_forms_convert_exactly_and_round_trip(tmp_path, smollm2_dir
     assert torch.equal(logits(model, ids), fake_logits)
     out = save_quantized(model, AutoTokenizer.from_pretrained(smollm2_dir), tmp_path / "int4")
     assert torch.equal(load_in_fresh_process(out, ids, tmp_path)["logits"], fake_logits)
+
+
+# ------------------------------------------------------------------------------------------ quantized embeddings
+
+EMBEDDING_CASES = [(s, e) for s in ("8da4w", "4w", "8da8w") for e in ("int4", "int8")]
+
+
+def trained_steps(model: nn.Module, steps: int = 2) -> nn.Module:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize(("scheme", "embedding"), EMBEDDING_CASES)
+def test_quantized_embedding_trains_and_converts_to_the_same_codes(scheme, embedding, tied, tmp_path):
+    """prepare -> train -> convert with a fake-quantized embedding: converted == fake-quantized bit for bit, equal
+    to PTQ of the trained float weights, and the HF checkpoint reloads to the same logits."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from torchao.quantization.qat import FakeQuantizedEmbedding
+
+    q = resolve_quantizer({"scheme": scheme, "group_size": 32, "embedding": embedding})
+    model = fake_quantize_(make_tiny_llama(tie_word_embeddings=tied), q)
+    assert isinstance(model.model.embed_tokens, FakeQuantizedEmbedding)
+    before = model.model.embed_tokens.weight.detach().clone()
+    trained_steps(model)
+    assert not torch.equal(model.model.embed_tokens.weight, before)  # the straight-through gradient reaches it
+    if tied:
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # prepare keeps the tie
+    trained = logits(model)
+    float_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # the lookup reads the fake-quantized table: float embedding + the same fake-quantized linears differ
+    float_embedding = fake_quantize_(make_tiny_llama(tie_word_embeddings=tied), QuantScheme(scheme=scheme))
+    float_embedding.load_state_dict(float_weights)
+    assert not torch.equal(logits(float_embedding), trained)
+
+    convert_to_int4(model, q)
+    weight = model.model.embed_tokens.weight
+    assert isinstance(weight, IntxUnpackedToInt8Tensor) and str(weight.target_dtype) == f"torch.{embedding}"
+    assert tuple(weight.block_size) == (1, 32) and not torch.any(weight.zero_point)  # symmetric, groups of 32
+    assert torch.equal(logits(model), trained)
+    ptq = make_tiny_llama(tie_word_embeddings=tied)
+    ptq.load_state_dict(float_weights)
+    assert torch.equal(logits(quantize_ptq_(ptq, q)), trained)
+    save_quantized(model, None, tmp_path / "int4")
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "int4")
+    assert isinstance(loaded.model.embed_tokens.weight, IntxUnpackedToInt8Tensor)
+    assert torch.equal(logits(loaded), trained)
+
+
+def test_enable_fake_quant_switches_the_embedding_too():
+    q = QuantScheme(embedding="int4", fake_quant_after_n_steps=5)
+    model = fake_quantize_(make_tiny_llama(), q)
+    table = model.model.embed_tokens.weight
+    off = model.model.embed_tokens(IDS)
+    assert torch.equal(off, table[IDS])  # delayed fake quant: the plain lookup
+    enable_fake_quant(model, True)
+    on = model.model.embed_tokens(IDS)
+    scale = table.detach().reshape(512, -1, 32).abs().amax(-1) / 7.5  # int4 symmetric: amax / ((7 - -8) / 2)
+    codes = on.reshape(*IDS.shape, -1, 32) / scale[IDS].unsqueeze(-1)
+    assert not torch.equal(on, off) and torch.allclose(codes, codes.round(), atol=1e-4)  # values on the int4 grid
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"embedding": "int2"}, "quantizer embedding 'int2' is not one of none, int8, int4"),
+        ({"embedding": "int4", "embedding_group_size": 48}, "quantizer embedding_group_size 48 is not supported"),
+    ],
+)
+def test_bad_embedding_settings_give_one_line_errors(section, message):
+    with pytest.raises(ValueError, match=message) as error:
+        resolve_quantizer(section)
+    assert "\n" not in str(error.value)
+
+
+def test_an_embedding_group_size_not_dividing_hidden_size_is_refused_from_config_json(tmp_path):
+    from qatune.errors import ConfigError
+    from qatune.quantization import check_quantizer_fits
+
+    make_tiny_llama().config.save_pretrained(tmp_path)  # hidden_size 256: no weights written
+    check_quantizer_fits(QuantScheme(embedding="int8", embedding_group_size=256), str(tmp_path))
+    config = make_tiny_llama().config
+    config.hidden_size = 96
+    config.save_pretrained(tmp_path)
+    with pytest.raises(
+        ConfigError,
+        match=r"embedding_group_size 64 does not divide model.embed_tokens's embedding_dim 96; use one of \[32\]",
+    ):
+        check_quantizer_fits(QuantScheme(embedding="int8", embedding_group_size=64), str(tmp_path))

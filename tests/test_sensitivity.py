@@ -15,7 +15,14 @@ from torchao.quantization import quantize_
 from qatune.cli import load_recipe_config
 from qatune.data import python_docs
 from qatune.evaluation import perplexity
-from qatune.quantization import QuantScheme, fake_quantize_, float_linear_names, quantize_ptq_, resolve_quantizer
+from qatune.quantization import (
+    QuantScheme,
+    fake_quantize_,
+    float_linear_names,
+    quantize_ptq_,
+    quantized_linear_names,
+    resolve_quantizer,
+)
 from qatune.sensitivity import (
     ActivationStats,
     BlockRecorder,
@@ -272,3 +279,33 @@ def test_recipe_end_to_end(tiny_checkpoint, tmp_path):
 def test_bad_config_is_one_clear_error(override, message):
     with pytest.raises(ValueError, match=message):
         load_recipe_config("sensitivity", "sensitivity", [override])
+
+
+def test_the_embedding_is_ranked_like_any_layer(tiny_tokenizer, text):
+    """quantizer.embedding: the token embedding is a unit of its own; its trial is torchao's PTQ of the embedding
+    alone, and its pattern is a skip entry the quantizer honours for embeddings as for linears."""
+    from torchao.quantization import IntxWeightOnlyConfig, PerGroup
+
+    from qatune.quantization import quantized_embedding_names
+
+    model = make_tiny_llama(layers=2)
+    q = QuantScheme(embedding="int4")
+    report, _ = analyze(model, tiny_tokenizer, text, q, seq_len=SEQ_LEN, batch_size=4, reverse_top_k=1, max_layers=1,
+                        log=None)  # fmt: skip
+    units = {u["name"]: u for u in report["units"]}
+    assert set(units) == {"model.embed_tokens", "model.layers.0", "model.layers.1", "lm_head"}
+    brute = copy.deepcopy(model)
+    only_embedding = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+    quantize_(brute, only_embedding, filter_fn=lambda m, n: isinstance(m, nn.Embedding))
+    assert units["model.embed_tokens"]["perplexity"] == pytest.approx(ppl(brute, tiny_tokenizer, text), rel=1e-6)
+    assert units["model.embed_tokens"]["bf16_mb"] == pytest.approx(512 * 256 * 2 / 1e6)  # its own table
+    everything = quantize_ptq_(copy.deepcopy(model), q)
+    assert report["quantized_perplexity"] == pytest.approx(ppl(everything, tiny_tokenizer, text), rel=1e-6)
+
+    # The trials swap the embedding's weight like a linear's: all but the embedding == PTQ with it in `skip`.
+    pattern = units["model.embed_tokens"]["pattern"]
+    ptq = quantize_ptq_(copy.deepcopy(model), resolve_quantizer({"embedding": "int4", "skip": [pattern]}))
+    assert quantized_embedding_names(ptq) == [] and float_linear_names(ptq) == []
+    names = set(quantized_embedding_names(everything) + quantized_linear_names(everything)) - {"model.embed_tokens"}
+    trial = mixed_trial(model, everything, names)
+    assert ppl(trial, tiny_tokenizer, text) == pytest.approx(ppl(ptq, tiny_tokenizer, text), rel=1e-6)

@@ -26,26 +26,32 @@ needs_vllm = pytest.mark.skipif(
 )
 
 
-def int4_model(scheme="8da4w", group_size=32, skip=(), tied=False, lm_head_gain=1.0) -> tuple[nn.Module, nn.Module]:
+def int4_model(
+    scheme="8da4w", group_size=32, skip=(), tied=False, lm_head_gain=1.0, embedding="none"
+) -> tuple[nn.Module, nn.Module]:
     """(the PTQ'd tiny Llama, its float original). `lm_head_gain` spreads the random model's logits out so that greedy
     tokens are not near-ties everywhere (a random tiny Llama's next-token distribution is almost uniform)."""
     model = make_tiny_llama(tie_word_embeddings=tied)
     with torch.no_grad():
         model.lm_head.weight.mul_(lm_head_gain)
     original = copy.deepcopy(model)
-    return quantize_ptq_(model, QuantScheme(scheme=scheme, group_size=group_size, skip=list(skip))), original
+    q = QuantScheme(scheme=scheme, group_size=group_size, skip=list(skip), embedding=embedding)
+    return quantize_ptq_(model, q), original
 
 
 @pytest.mark.parametrize(
-    ("scheme", "vllm_scheme", "group", "skip", "tied"),
+    ("scheme", "vllm_scheme", "group", "skip", "tied", "embedding"),
     [
-        ("4w", "w4a16", 32, ["lm_head"], True),  # SmolLM2's default: tied embedding, lm_head kept float
-        ("8da4w", "w4a16", 128, [], False),
-        ("8da4w", "w4a8", 64, ["model.layers.0.mlp.down_proj"], False),
+        ("4w", "w4a16", 32, ["lm_head"], True, "none"),  # SmolLM2's default: tied embedding, lm_head kept float
+        ("8da4w", "w4a16", 128, [], False, "none"),
+        ("8da4w", "w4a8", 64, ["model.layers.0.mlp.down_proj"], False, "none"),
+        ("8da4w", "w4a16", 32, [], True, "int4"),  # a quantized embedding: written as its values, in bf16
     ],
 )
-def test_decompressor_gives_back_code_times_scale(tmp_path, tiny_tokenizer, scheme, vllm_scheme, group, skip, tied):
-    model, _ = int4_model(scheme, group, skip, tied)
+def test_decompressor_gives_back_code_times_scale(
+    tmp_path, tiny_tokenizer, scheme, vllm_scheme, group, skip, tied, embedding
+):
+    model, _ = int4_model(scheme, group, skip, tied, embedding=embedding)
     out = export_vllm(model, tiny_tokenizer, tmp_path / "vllm", vllm_scheme=vllm_scheme)
     weights = decompressed_weights(out)  # compressed-tensors' PackedQuantizationCompressor / dequantize
     quantized = quantized_linear_names(model)
@@ -56,14 +62,17 @@ def test_decompressor_gives_back_code_times_scale(tmp_path, tiny_tokenizer, sche
         assert torch.equal(weights[f"{name}.weight"], w.qdata.to(torch.bfloat16) * scale), name
     for name, tensor in model.state_dict().items():  # every float tensor is the model's own, in bf16
         if name.rpartition(".")[0] not in quantized and not (tied and name == "lm_head.weight"):
-            assert torch.equal(weights[name], tensor.to(torch.bfloat16)), name
+            value = tensor.dequantize() if name == "model.embed_tokens.weight" and embedding != "none" else tensor
+            assert torch.equal(weights[name], value.to(torch.bfloat16)), name
 
     config = json.loads((out / "config.json").read_text())
     q = config["quantization_config"]
     assert q["quant_method"] == "compressed-tensors" and config["dtype"] == "bfloat16"
     assert q["format"] == {"w4a16": "pack-quantized", "w4a8": "int-quantized"}[vllm_scheme]
     assert q["ignore"] == float_linear_names(model)
-    assert config["tie_word_embeddings"] is tied and ("lm_head.weight" in weights) is not tied
+    tied_after = model.config.tie_word_embeddings  # PTQ of lm_head (and the embedding) unties them
+    assert tied_after is (tied and embedding == "none")
+    assert config["tie_word_embeddings"] is tied_after and ("lm_head.weight" in weights) is not tied_after
     assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
     assert (out / "generation_config.json").is_file()
 
@@ -115,16 +124,19 @@ TIE_TOLERANCE = 0.1  # logprob gap under which eager's top token and vLLM's are 
 
 @needs_vllm
 @pytest.mark.parametrize(
-    ("scheme", "vllm_scheme", "tied", "skip", "kernel"),
+    ("scheme", "vllm_scheme", "tied", "skip", "kernel", "embedding"),
     [
-        ("4w", "w4a16", True, ["lm_head"], "CPUWNA16LinearKernel"),  # Marlin / Machete on GPUs
-        ("8da4w", "w4a8", False, [], "Dynamic4bitLinearKernel"),  # int8 dynamic activations on CPUs
+        ("4w", "w4a16", True, ["lm_head"], "CPUWNA16LinearKernel", "none"),  # Marlin / Machete on GPUs
+        # int8 dynamic activations on CPUs; the int4 embedding served as its bf16 values
+        ("8da4w", "w4a8", False, [], "Dynamic4bitLinearKernel", "int4"),
     ],
 )
-def test_vllm_serves_the_export_as_eager_runs_it(tmp_path, tiny_tokenizer, scheme, vllm_scheme, tied, skip, kernel):
+def test_vllm_serves_the_export_as_eager_runs_it(
+    tmp_path, tiny_tokenizer, scheme, vllm_scheme, tied, skip, kernel, embedding
+):
     from pydoc_data.topics import topics
 
-    model, original = int4_model(scheme, 32, skip, tied, lm_head_gain=4.0)
+    model, original = int4_model(scheme, 32, skip, tied, lm_head_gain=4.0, embedding=embedding)
     out = export_vllm(model, tiny_tokenizer, tmp_path / "vllm", vllm_scheme=vllm_scheme)
     # The reference on the same weights: w4a16 runs bf16 activations, so the bf16 twin of the decompressed weights;
     # w4a8 quantizes activations to int8 per token, as torchao's 8da4w model does.

@@ -239,6 +239,7 @@ def _memory(
     qat_scheme: str | None,
     group_size: int,
     lora: LoraStats | None = None,
+    embedding_group_size: int | None = None,
 ) -> dict[str, float]:
     """Per-GPU bytes of each part (formulas: docs/memory.md)."""
     shards = num_gpus if strategy == "fsdp2" else 1
@@ -283,6 +284,10 @@ def _memory(
             fq_head += tokens * (4 * h + 4) * act_scale
     if lora is not None:  # each adapted linear also saves its merged weight W + s B A for the backward
         fq_layer += compute * lora.layer_weight_params
+    if qat_scheme is not None and embedding_group_size:  # quantizer.embedding: torchao's FakeQuantizedEmbedding
+        # saves its fake-quantized table (weights' dtype) and 2 fp32 qparams per group (measured: 4.25 B/elem at g32)
+        table_bytes = compute if lora is not None else master
+        fq_head += (table_bytes + 8 / embedding_group_size) * s.vocab * h
     # Autocast over fp32 weights keeps the residual stream in fp32, as does fp32 training.
     residual_bytes = 4 if dtype in ("fp32", "bf16") and lora is None else compute
     without_ac = n_layers * (layer + fq_layer) + head + fq_head
@@ -319,6 +324,7 @@ def plan_memory(
     gpu_memory_gb: float = 80,
     lora_rank: int = 0,
     lora_targets: tuple[str, ...] = (),
+    embedding_group_size: int | None = None,
 ) -> dict[str, Any]:
     """Per-GPU memory plan of full fine-tuning (with QAT fake quantization when `qat`), or with `lora_rank` of
     QAT + LoRA, and what to change if it does not fit. `strategy` defaults to fsdp2 on several GPUs, single on one.
@@ -330,7 +336,7 @@ def plan_memory(
     stats = model_stats(model_path_or_config, scheme, group_size)
     knobs = dict(num_gpus=num_gpus, strategy=strategy, dtype=dtype, optimizer=optimizer, batch_size=batch_size,
                  seq_len=seq_len, activation_checkpointing=activation_checkpointing, qat_scheme=scheme,
-                 group_size=group_size)  # fmt: skip
+                 group_size=group_size, embedding_group_size=embedding_group_size if qat else None)  # fmt: skip
     if lora_rank:
         knobs["lora"] = lora_stats(model_path_or_config, lora_rank, tuple(lora_targets))
     memory = _memory(stats, **knobs)
@@ -450,6 +456,9 @@ def estimate_from_config(cfg, num_gpus: int = 1) -> dict[str, Any]:
         gpu_memory_gb=float(get("gpu_memory_gb", 80)),
         lora_rank=int(get("lora.rank", 0)),
         lora_targets=tuple(get("lora.target_modules", ())),
+        embedding_group_size=None
+        if get("quantizer.embedding", "none") == "none"
+        else int(get("quantizer.embedding_group_size", 32)),
     )
 
 

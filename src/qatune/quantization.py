@@ -15,10 +15,16 @@ On CPU with torchao 0.18 the fake-quantized forward equals the converted forward
          weights; group_size is ignored (per-channel is the int8 norm). Not Int8DynamicActivationInt8WeightConfig:
          QATConfig cannot prepare it ("Unexpected base config").
 
-Tied embeddings (SmolLM2, Llama 3.2): prepare keeps the tie (one Parameter; the embedding lookup reads it unquantized,
-only lm_head's matmul sees the fake quant). Convert gives lm_head a new int weight and leaves the embedding's float
-Parameter alone, so the model is untied (`tie_word_embeddings=False`): float embedding + int lm_head, as ExecuTorch's
-8da4w export does.
+The token embedding (`embedding: int8 | int4`, default none): IntxWeightOnlyConfig(int8 | int4,
+PerGroup(embedding_group_size)), symmetric, weight-only, through the same three steps (prepare gives a torchao
+FakeQuantizedEmbedding, which fake-quantizes the table its lookup reads); converted = fake-quantized bit for bit.
+
+Tied embeddings (SmolLM2, Llama 3.2): prepare keeps the tie (one Parameter). With `embedding: none` the lookup reads
+it unquantized and only lm_head's matmul sees the fake quant; with a quantized embedding both fake-quantize the same
+Parameter. Convert gives each its own int weight, so the model is untied (`tie_word_embeddings=False`). With
+`embedding: int4` and embedding_group_size = group_size (8da4w, 4w) the two int tables hold the same codes and
+scales (int4 symmetric per-group of the same weights): the GGUF export writes that table once (llama.cpp reads
+token_embd for the output layer), see qatune.export.gguf.
 """
 
 from __future__ import annotations
@@ -40,7 +46,12 @@ from torchao.quantization import (
     PerGroup,
     quantize_,
 )
-from torchao.quantization.qat import FakeQuantizedLinear, Int8DynActInt4WeightQATQuantizer, QATConfig
+from torchao.quantization.qat import (
+    FakeQuantizedEmbedding,
+    FakeQuantizedLinear,
+    Int8DynActInt4WeightQATQuantizer,
+    QATConfig,
+)
 from torchao.quantization.qat.linear import enable_linear_fake_quant
 from torchao.utils import TorchAOBaseTensor
 
@@ -52,7 +63,9 @@ logger = logging.getLogger(__name__)
 
 SCHEMES = ("8da4w", "4w", "8da8w")
 GROUP_SIZES = (32, 64, 128, 256)
-QATUNE_KEYS = ("scheme", "group_size", "skip", "fake_quant_after_n_steps", "fused", "range_learning")
+EMBEDDING_TYPES = ("none", "int8", "int4")
+QATUNE_KEYS = ("scheme", "group_size", "skip", "fake_quant_after_n_steps", "fused", "range_learning", "embedding",
+               "embedding_group_size")  # fmt: skip
 
 # The torchtune-form quantizers we accept. torchtune's own name is an alias: torchtune cannot import beside torchao
 # 0.18, and its class was a thin re-export of torchao's.
@@ -67,10 +80,12 @@ LEGACY_QUANTIZERS = {
 class QuantScheme:
     scheme: str = "8da4w"  # 8da4w | 4w | 8da8w
     group_size: int = 32  # 32 | 64 | 128 | 256; ignored by 8da8w (per-channel weights)
-    skip: list[str] = field(default_factory=list)  # fnmatch patterns of module names kept in float, e.g. lm_head
+    skip: list[str] = field(default_factory=list)  # fnmatch patterns of linears (or embeddings) kept float: lm_head
     fake_quant_after_n_steps: int = 0  # train in float first; the trainer calls enable_fake_quant at that step
     fused: bool = True  # fused fake quant (qatune.fused_fake_quant): torchao's numerics, much less time and memory
     range_learning: bool = False  # learn the int weight scales (torchao's range learning, LSQ-style); convert uses them
+    embedding: str = "none"  # none | int8 | int4: weight-only fake quant of the token embedding (symmetric)
+    embedding_group_size: int = 32  # 32 | 64 | 128 | 256 values per embedding scale (llama.cpp's and ExecuTorch's 32)
     legacy: object | None = None  # the torchtune-form quantizer instance, if the config used `_component_`
 
     def __post_init__(self) -> None:
@@ -92,6 +107,11 @@ class QuantScheme:
             raise ConfigError(f"quantizer range_learning must be true or false, not {self.range_learning!r}")
         if self.range_learning and self.legacy is not None:
             raise ConfigError("quantizer range_learning needs the qatune form (scheme: ...), not _component_")
+        if self.embedding not in EMBEDDING_TYPES:
+            raise ConfigError(f"quantizer embedding {self.embedding!r} is not one of {', '.join(EMBEDDING_TYPES)}")
+        g = self.embedding_group_size
+        if isinstance(g, bool) or g not in GROUP_SIZES:
+            raise ConfigError(f"quantizer embedding_group_size {g!r} is not supported; use one of {GROUP_SIZES}")
 
     def base_config(self) -> Int8DynamicActivationIntxWeightConfig | IntxWeightOnlyConfig:
         """The torchao PTQ config that prepare, convert and PTQ all derive from."""
@@ -102,6 +122,13 @@ class QuantScheme:
         if self.scheme == "4w":
             return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(self.group_size))
         return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+
+    def embedding_config(self) -> IntxWeightOnlyConfig | None:
+        """The torchao PTQ config of the token embedding (prepare, convert and PTQ derive from it), None for float."""
+        if self.embedding == "none":
+            return None
+        weight_dtype = torch.int4 if self.embedding == "int4" else torch.int8
+        return IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=PerGroup(self.embedding_group_size))
 
     @property
     def needs_divisible_in_features(self) -> bool:
@@ -126,7 +153,7 @@ def resolve_quantizer(section: Mapping | None) -> QuantScheme:
         return QuantScheme(**section)
 
     path = section.pop("_component_")
-    qatune_keys = ("skip", "fake_quant_after_n_steps", "fused", "range_learning")
+    qatune_keys = ("skip", "fake_quant_after_n_steps", "fused", "range_learning", "embedding", "embedding_group_size")
     qatune_kwargs = {k: section.pop(k) for k in qatune_keys if k in section}
     cls = _import_legacy_quantizer(path)
     try:
@@ -191,18 +218,66 @@ def float_linear_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in quantized]
 
 
+def _embeddings_to_quantize(model: nn.Module, q: QuantScheme) -> set[str]:
+    """The nn.Embedding names `q` quantizes (none unless q.embedding; none matched by q.skip); one line if the group
+    size does not divide their embedding_dim."""
+    if q.embedding == "none":
+        return set()
+    chosen = {name: m for name, m in model.named_modules() if type(m) is nn.Embedding and not _skipped(name, q)}
+    for name, m in chosen.items():
+        if m.embedding_dim % q.embedding_group_size:
+            raise ConfigError(
+                f"quantizer embedding_group_size {q.embedding_group_size} does not divide {name}'s embedding_dim "
+                f"{m.embedding_dim}; use one of {[g for g in GROUP_SIZES if m.embedding_dim % g == 0]}"
+            )
+    return set(chosen)
+
+
+def check_quantizer_fits(q: QuantScheme, model_path: str | None) -> None:
+    """`skip` patterns and embedding_group_size against the model's modules, built on the meta device from a local
+    config.json (no weights read): before anything loads. A hub id not downloaded yet is checked at prepare."""
+    if model_path is None or not (Path(model_path).expanduser() / "config.json").is_file():
+        return
+    from transformers import AutoConfig
+
+    from qatune.models import meta_model
+
+    model = meta_model(AutoConfig.from_pretrained(Path(model_path).expanduser()))
+    _check_skip_patterns(model, q)
+    _embeddings_to_quantize(model, q)
+
+
+def quantized_embedding_names(model: nn.Module) -> list[str]:
+    """Names of the embeddings that are fake-quantized or hold quantized (torchao) weights."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, FakeQuantizedEmbedding) or (isinstance(m, nn.Embedding) and _is_quantized_weight(m))
+    ]
+
+
+def _check_skip_patterns(model: nn.Module, q: QuantScheme) -> None:
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    embeddings = [name for name, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    for pattern in q.skip:
+        if not any(fnmatchcase(name, pattern) for name in [*linears, *embeddings]):
+            raise ConfigError(
+                f"quantizer skip pattern {pattern!r} matches no linear layer or embedding (names look like "
+                f"{', '.join(linears[-3:])})"
+            )
+
+
+def _skipped(name: str, q: QuantScheme) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern in q.skip)
+
+
 def _linears_to_quantize(model: nn.Module, q: QuantScheme) -> set[str]:
     """The nn.Linear names `q` quantizes; warns once about layers whose in_features the group size does not divide."""
     if quantized_linear_names(model):
         raise ConfigError("model is already fake-quantized or quantized; start from a float model")
+    _check_skip_patterns(model, q)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    for pattern in q.skip:
-        if not any(fnmatchcase(name, pattern) for name in linears):
-            examples = ", ".join(list(linears)[-3:])
-            raise ConfigError(
-                f"quantizer skip pattern {pattern!r} matches no linear layer (names look like {examples})"
-            )
-    chosen = {name for name in linears if not any(fnmatchcase(name, p) for p in q.skip)}
+    chosen = {name for name in linears if not _skipped(name, q)}
     if q.needs_divisible_in_features:
         odd = sorted(name for name in chosen if linears[name].in_features % q.group_size)
         if odd:
@@ -246,6 +321,9 @@ def fake_quantize_(model: nn.Module, q: QuantScheme) -> nn.Module:
             )  # fmt: skip
         else:
             logger.info("fused fake quant: all %d fake-quantized layers", len(chosen))
+    if embeddings := _embeddings_to_quantize(model, q):  # weight-only: torchao's own FakeQuantizedEmbedding
+        prepare = QATConfig(q.embedding_config(), step="prepare")
+        quantize_(model, prepare, filter_fn=lambda m, name: name in embeddings)
     if q.fake_quant_after_n_steps > 0:  # the model starts as float; the trainer switches fake quant on later
         enable_fake_quant(model, False)
     return model
@@ -282,6 +360,9 @@ def enable_fake_quant(model: nn.Module, enabled: bool) -> nn.Module:
         raise ValueError("model has no fake-quantized layers; call fake_quantize_(model, q) first")
     for m in layers:
         enable_linear_fake_quant(m, enabled)
+    for m in model.modules():
+        if isinstance(m, FakeQuantizedEmbedding):  # torchao has no enable_embedding_fake_quant
+            m.weight_fake_quantizer.enabled = enabled
     return model
 
 
@@ -326,20 +407,28 @@ def convert_to_int4(model: nn.Module, q: QuantScheme) -> nn.Module:
     no Hugging Face loader knows, while QATConfig(8da4w, group_size) gives the same logits bit for bit as torchao
     tensors that save_quantized can write and `from_pretrained` can read.
     """
-    fake = [m for m in model.modules() if isinstance(m, FakeQuantizedLinear)]
+    fake = [m for m in model.modules() if isinstance(m, FakeQuantizedLinear | FakeQuantizedEmbedding)]
     if not fake:
         raise ValueError("model has no fake-quantized layers to convert; call fake_quantize_(model, q) first")
     if not all(m.weight_fake_quantizer is None or m.weight_fake_quantizer.enabled for m in fake):
         raise ValueError("fake quantization is switched off; call enable_fake_quant(model, True) before converting")
+    embeddings = [m for m in fake if isinstance(m, FakeQuantizedEmbedding)]
+    if embeddings and q.embedding_config() is None:
+        raise ValueError("the embedding is fake-quantized but the scheme has embedding: none; pass the training scheme")
     quantize_(model, QATConfig(q.base_config(), step="convert"))
+    if embeddings:  # quantize_'s default filter visits linears only
+        convert = QATConfig(q.embedding_config(), step="convert")
+        quantize_(model, convert, filter_fn=lambda m, name: isinstance(m, FakeQuantizedEmbedding))
     _mark_quantized(model, q)
     return model
 
 
 def quantize_ptq_(model: nn.Module, q: QuantScheme) -> nn.Module:
     """Post-training quantization of a float model with the scheme's base config, honouring `q.skip`, in place."""
-    chosen = _linears_to_quantize(model, q)
+    chosen, embeddings = _linears_to_quantize(model, q), _embeddings_to_quantize(model, q)
     quantize_(model, q.base_config(), filter_fn=lambda m, name: name in chosen)
+    if embeddings:
+        quantize_(model, q.embedding_config(), filter_fn=lambda m, name: name in embeddings)
     _mark_quantized(model, q)
     return model
 
@@ -359,15 +448,24 @@ def _mark_quantized(model: nn.Module, q: QuantScheme) -> None:
         config.tie_word_embeddings = False
     # Name the float linears explicitly: with None transformers adds its default skips (lm_head) and would then
     # misread a quantized lm_head in the checkpoint.
-    quantization_config = TorchAoConfig(quant_type=q.base_config(), modules_to_not_convert=float_linear_names(model))
+    quant_type, embeddings = q.base_config(), quantized_embedding_names(model)
+    if embeddings:  # the embedding's own config, so that config.json says what each table holds
+        from torchao.quantization import FqnToConfig
+
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in quantized_linear_names(model)})
+        linears = "re:(.*\\.)?(" + "|".join(leaves) + ")"  # torchao deprecates "_default"
+        quant_type = FqnToConfig({**{name: q.embedding_config() for name in embeddings}, linears: quant_type})
+    quantization_config = TorchAoConfig(
+        quant_type=quant_type,
+        modules_to_not_convert=float_linear_names(model),
+        include_input_output_embeddings=bool(embeddings),
+    )
     config.quantization_config = quantization_config
     model.hf_quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=True)
 
 
 def refuse_fake_quantized(model: nn.Module) -> None:
-    from torchao.quantization.qat import FakeQuantizedLinear
-
-    if any(isinstance(m, FakeQuantizedLinear) for m in model.modules()):
+    if any(isinstance(m, FakeQuantizedLinear | FakeQuantizedEmbedding) for m in model.modules()):
         raise ValueError("model is still fake-quantized (QAT prepare); convert it first: convert_to_int4(model, q)")
 
 
@@ -395,7 +493,7 @@ def save_quantized(model: nn.Module, tokenizer, output_dir: str | Path) -> Path:
     from accelerate.utils import extract_model_from_parallel
 
     model = extract_model_from_parallel(model)
-    if any(isinstance(m, FakeQuantizedLinear) for m in model.modules()):
+    if any(isinstance(m, FakeQuantizedLinear | FakeQuantizedEmbedding) for m in model.modules()):
         raise ValueError("model is still fake-quantized; call convert_to_int4(model, q) before save_quantized")
     if getattr(getattr(model, "config", None), "quantization_config", None) is None or not quantized_linear_names(
         model

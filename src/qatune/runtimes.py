@@ -53,13 +53,12 @@ class LlamaCppRunner:
 
 class ExecuTorchRunner:
     def __init__(self, path: Path, threads: int, n_ctx: int):
-        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (the programs call llama:: kernels)
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-        from executorch.runtime import Runtime
+
+        from qatune.export.executorch import load_pte
 
         _unsafe_reset_threadpool(threads)
-
-        self.forward = Runtime.get().load_program(path).load_method("forward")
+        self.forward = load_pte(path)
         self.pos = 0
 
     def prefill(self, ids: list[int]) -> int:

@@ -3,10 +3,11 @@
 The analysis (`analyze`), on a float model and a validation text, for one quantization scheme:
 
 1. Sensitivity. A *unit* is one transformer block (`model.layers.7`: its 7 linears) or one linear layer
-   (`model.layers.7.mlp.down_proj`), plus every linear outside the blocks (`lm_head`) as a unit of its own. Each
-   unit is quantized alone (PTQ with `skip` = every other linear) and the perplexity measured; units are ranked by
-   how much that raises perplexity over the float model. The reverse for the top few and the bottom one: everything
-   quantized except that unit.
+   (`model.layers.7.mlp.down_proj`), plus every linear outside the blocks (`lm_head`) and, with `quantizer.embedding`
+   set, the token embedding (`model.embed_tokens`; `quantizer.skip` keeps it float like a linear) as units of their
+   own. Each unit is quantized alone (PTQ with `skip` = every other one) and the perplexity measured; units are
+   ranked by how much that raises perplexity over the float model. The reverse for the top few and the bottom one:
+   everything quantized except that unit.
 2. Statistics per linear: the weight quantization error ||W - deq(q(W))||_F / ||W||_F and the fraction of weights
    the quantizer clamped (both read back from torchao's own quantized tensor), and the input activations' absolute
    max, kurtosis (Pearson: a Gaussian has 3) and channel outlier ratio (largest per-channel abs max over the median
@@ -40,7 +41,7 @@ from qatune.errors import ConfigError
 from qatune.evaluation import perplexity
 from qatune.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from qatune.measure import tensor_bytes
-from qatune.quantization import QuantScheme, quantize_ptq_, quantized_linear_names
+from qatune.quantization import QuantScheme, quantize_ptq_, quantized_embedding_names, quantized_linear_names
 
 GRANULARITIES = ("block", "layer")
 BLOCK = re.compile(r"^(.*\.layers\.\d+)\.")  # the decoder block a linear belongs to: model.layers.7
@@ -177,9 +178,9 @@ def _decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList | list]:
 # ---------------------------------------------------------------------------------------------- statistics
 
 
-def weight_stats(linear: nn.Linear, q: QuantScheme, quantized_weight: torch.Tensor | None = None) -> dict:
-    """Quantization error of one linear's weight, read back from torchao's quantized tensor for `q`'s scheme
-    (`quantized_weight` if given, e.g. from a PTQ'd copy of the model; else `quantize_` on a copy of the layer)."""
+def weight_stats(linear: nn.Module, q: QuantScheme, quantized_weight: torch.Tensor | None = None) -> dict:
+    """Quantization error of one linear's (or the embedding's) weight, read back from torchao's quantized tensor for
+    `q`'s scheme (`quantized_weight` if given, e.g. from a PTQ'd copy of the model; else `quantize_` on a copy)."""
     qw = quantized_weight
     if qw is None:
         quantized = shared_float_copy(linear)
@@ -344,16 +345,19 @@ def analyze(
         float_eval = ppl(model)
     float_ppl = float_eval["perplexity"]
     full = quantize_ptq_(shared_float_copy(model), q)  # honours q.skip and the group-size rule
-    quantizable = quantized_linear_names(full)
+    # quantizer.embedding: the token embedding is a unit like any linear (mixed_trial swaps its weight the same way)
+    embeddings = quantized_embedding_names(full)
+    quantizable = [*embeddings, *quantized_linear_names(full)]
     quant_ppl = ppl(full)["perplexity"]
-    log(f"float ppl {float_ppl:.4f}  all quantized ppl {quant_ppl:.4f}  ({len(quantizable)} linears quantized)")
+    log(f"float ppl {float_ppl:.4f}  all quantized ppl {quant_ppl:.4f}  ({len(quantizable)} layers quantized)")
 
     tied = {id(m.weight) for m in modules.values() if isinstance(m, nn.Embedding)}
     layers, activations = {}, acts.summary()
     for name in quantizable:
         stats = weight_stats(modules[name], q, full.get_submodule(name).weight)
         weight = modules[name].weight
-        stats["bf16_bytes"] = 0 if id(weight) in tied else weight.numel() * 2  # a tied lm_head is the embedding
+        tied_head = id(weight) in tied and name not in embeddings  # a float tied lm_head is the embedding's table
+        stats["bf16_bytes"] = 0 if tied_head else weight.numel() * 2
         layers[name] = stats | activations.get(name, {})
 
     cache: dict[frozenset, float] = {frozenset(quantizable): quant_ppl}

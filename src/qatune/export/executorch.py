@@ -1,5 +1,7 @@
 """ExecuTorch for phones: the torchao 8da4w model lowered to XNNPACK, whose kernels run the int4 weights and the
-int8 dynamic activations natively, with attention and the KV cache on ExecuTorch's own LLM kernels."""
+int8 dynamic activations natively, with attention and the KV cache on ExecuTorch's own LLM kernels. A quantized
+token embedding (quantizer.embedding) becomes ExecuTorch's quantized embedding op (`quantized_decomposed::
+embedding_4bit` / `embedding_byte`, from its quant fusion pass), which reads the int codes and scales as they are."""
 
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def export_executorch(
     """
     try:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+        from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers the llama:: kernels)
     except ImportError:
         raise ImportError("ExecuTorch export needs the executorch extra: pip install 'qatune[executorch]'") from None
@@ -76,6 +78,10 @@ def export_executorch(
     model.eval().requires_grad_(False)  # loaded int4 weights may say requires_grad; export cannot unwrap those
     AttentionInterface.register("qatune_executorch", _executorch_attention)
     attention_before = config._attn_implementation
+    # padding_idx only shapes gradients, but it is an argument of aten.embedding that ExecuTorch's quantized-embedding
+    # fusion pattern does not have: without it the lookup becomes quantized_decomposed::embedding_{4bit,byte}.
+    embedding = model.get_input_embeddings()
+    padding_before, embedding.padding_idx = embedding.padding_idx, None
     attentions = [layer.self_attn for layer in model.model.layers]
     dtype = model.get_input_embeddings().weight.dtype
     for attn in attentions:
@@ -95,27 +101,35 @@ def export_executorch(
             )
     finally:  # the caller's model is left as it was
         model.set_attn_implementation(attention_before)
+        embedding.padding_idx = padding_before
         for attn in attentions:
             del attn.et_k_cache, attn.et_v_cache
     # RMSNorm's mean stays on a portable kernel, which the IR validity check would reject.
     edge = to_edge_transform_and_lower(
         exported, partitioner=[XnnpackPartitioner()], compile_config=EdgeCompileConfig(_check_ir_validity=False)
     )
-    program = edge.to_executorch()
+    # Quant fusion: torchao's dequantize_affine + embedding becomes quantized_decomposed::embedding_{4bit,byte}.
+    program = edge.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True))
     return atomic_write_bytes(path, program.buffer)
+
+
+def load_pte(path: str | os.PathLike):
+    """The `.pte`'s forward method in ExecuTorch's Python runtime, with the kernels qatune's programs call."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (llama:: attention and cache kernels)
+    from executorch.kernels import quantized  # noqa: F401  (quantized_decomposed:: embedding kernels)
+    from executorch.runtime import Runtime
+
+    return Runtime.get().load_program(Path(path)).load_method("forward")
 
 
 def generate_pte(path: str | os.PathLike, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy decoding with an exported `.pte`: one prefill call, then one call per new token (its KV cache)."""
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (the program calls llama:: kernels)
-    from executorch.runtime import Runtime
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no ExecuTorch program at {str(path)!r}")
     if not prompt_ids:
         raise ValueError("prompt_ids is empty: give at least one token id")
-    forward = Runtime.get().load_program(path).load_method("forward")
+    forward = load_pte(path)
     ids = torch.tensor([prompt_ids], dtype=torch.long)
     logits = forward.execute([ids, torch.arange(len(prompt_ids))])[0]
     out = []

@@ -3,7 +3,10 @@
 Re-quantizing a QAT model on the way to a runtime throws away the grid it was trained on: llama.cpp's own Q4_0 rule
 picks different scales and changes about half of the int4 codes. So `export_gguf` copies torchao's int4 codes and
 per-group scales into Q4_0 blocks as they are (nibble = q + 8, fp16 scale; a group of 64..256 becomes 2..8 blocks of 32
-sharing its scale), and refuses anything that has no exact Q4_0 form.
+sharing its scale), and refuses anything that has no exact Q4_0 form. A quantized token embedding (quantizer.embedding)
+goes the same way: int4 as Q4_0, int8 as Q8_0 (fp16 scale + 32 int8 codes per block). When lm_head's int4 table holds
+the same codes and scales as the embedding's (a tied model with embedding: int4 at the linears' group size), it is
+written once: without `output.weight` llama.cpp multiplies by `token_embd` (one table, half the bytes of two).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ FLOAT_TYPES = {
     "f16": gguf.GGMLQuantizationType.F16,
     "q8_0": gguf.GGMLQuantizationType.Q8_0,
 }
-Q4_0_BLOCK = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_0][0]  # 32 weights per block
+Q4_0_BLOCK = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_0][0]  # 32 weights per block (Q8_0's too)
+INT_TYPES = {torch.int4: gguf.GGMLQuantizationType.Q4_0, torch.int8: gguf.GGMLQuantizationType.Q8_0}
 
 # llama.cpp picks its pre-tokenizer (the regex that splits text before BPE) by name. convert_hf_to_gguf.py finds the
 # name by hashing the tokens of this text; these are the hashes of the tokenizers qatune's configs use.
@@ -47,11 +51,11 @@ PRE_TOKENIZER_BY_HASH = {
 }
 
 
-def _int4_parts(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(int4 codes as int8 [n, k], per-group scales [n, k // group]) of a torchao int4 weight; None for a float one.
-
-    Raises ValueError for a quantized weight with no exact Q4_0 form.
-    """
+def _int_parts(
+    weight: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...] = (torch.int4,)
+) -> tuple[torch.Tensor, torch.Tensor, gguf.GGMLQuantizationType] | None:
+    """(codes as int8 [n, k], per-group scales [n, k // group], Q4_0 or Q8_0) of a torchao int weight whose dtype is
+    in `dtypes`; None for a float one. Raises ConfigError for a quantized weight with no exact GGUF form."""
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
     if not isinstance(weight, torch.Tensor) or weight.__class__ in (torch.Tensor, nn.Parameter):
@@ -61,7 +65,7 @@ def _int4_parts(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Te
             f"{name}: weight type {type(weight).__name__} has no exact GGUF form; GGUF export takes torchao's "
             "IntxUnpackedToInt8Tensor int4 weights (schemes 8da4w and 4w)"
         )
-    if weight.target_dtype != torch.int4:
+    if weight.target_dtype not in dtypes:
         raise ConfigError(
             f"{name}: {weight.target_dtype} weights (e.g. 8da8w) are not exported to GGUF Q4_0; use a 4-bit scheme "
             "(8da4w or 4w), or format=executorch / format=hf for 8-bit weights"
@@ -79,7 +83,31 @@ def _int4_parts(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Te
     scale = weight.scale.float()
     if scale.abs().max() > torch.finfo(torch.float16).max:
         raise ConfigError(f"{name}: a group scale exceeds float16's range, so Q4_0 cannot hold it")
-    return weight.qdata, scale
+    return weight.qdata, scale, INT_TYPES[weight.target_dtype]
+
+
+def _same_int_table(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two torchao int weights holding the same codes, scales and zero points (a tied embedding and lm_head)."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    if not (isinstance(a, IntxUnpackedToInt8Tensor) and isinstance(b, IntxUnpackedToInt8Tensor)):
+        return False
+    if a.target_dtype != b.target_dtype or tuple(a.block_size) != tuple(b.block_size):
+        return False
+    return all(torch.equal(getattr(a, part), getattr(b, part)) for part in ("qdata", "scale", "zero_point"))
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    return pack_q4_0(codes, scale) if qtype == gguf.GGMLQuantizationType.Q4_0 else pack_q8_0(codes, scale)
+
+
+def pack_q8_0(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
+    """Q8_0 blocks (uint8 [n, k / 32 * 34]) holding int8 `codes` [n, k] and group `scale` [n, k / g] exactly: an fp16
+    scale d then 32 int8 codes, decoding to d * q (gguf.quants' layout; its quantizer would pick d = amax / 127)."""
+    n, k = codes.shape
+    d = scale.repeat_interleave(k // scale.shape[1] // Q4_0_BLOCK, dim=1).numpy().astype(np.float16)  # [n, k / 32]
+    q = codes.numpy().astype(np.int8).reshape(n, k // Q4_0_BLOCK, Q4_0_BLOCK)
+    return np.concatenate([d.view(np.uint8).reshape(n, -1, 2), q.view(np.uint8)], axis=-1).reshape(n, -1)
 
 
 def pack_q4_0(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
@@ -240,22 +268,25 @@ def export_gguf(
 
     n_int4 = 0
     state = dict(model.named_parameters(remove_duplicate=False))
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    embedding, output = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    one_table = embedding is output or _same_int_table(embedding, output)
+    embedding_name = next(n for n, t in state.items() if t is embedding)
     for hf_name, tensor in state.items():
-        if hf_name == "lm_head.weight" and tied:
-            continue  # llama.cpp reads token_embd when output.weight is absent
+        if hf_name == "lm_head.weight" and one_table:
+            continue  # llama.cpp multiplies by token_embd when output.weight is absent
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ConfigError(f"no GGUF name for tensor {hf_name!r}")
-        int4 = _int4_parts(tensor, hf_name)
+        dtypes = (torch.int4, torch.int8) if hf_name == embedding_name else (torch.int4,)
+        parts = _int_parts(tensor, hf_name, dtypes)
         heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
         n_head = next((h for key, h in heads.items() if f".{key}." in hf_name), None)
-        if int4 is not None:
-            codes, scale = int4
+        if parts is not None:
+            codes, scale, qtype = parts
             if n_head:
                 codes, scale = permute_for_llama_cpp(codes, n_head), permute_for_llama_cpp(scale, n_head)
-            writer.add_tensor(gguf_name, pack_q4_0(codes, scale), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
-            n_int4 += 1
+            writer.add_tensor(gguf_name, pack(codes, scale, qtype), raw_dtype=qtype)
+            n_int4 += hf_name != embedding_name
             continue
         data = tensor.detach()
         if n_head:
@@ -279,5 +310,5 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    logger.info("wrote %s (%d int4 tensors as Q4_0)", path, n_int4)
+    logger.info("wrote %s (%d int4 linears as Q4_0%s)", path, n_int4, ", one shared output table" if one_table else "")
     return path

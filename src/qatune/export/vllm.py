@@ -14,7 +14,9 @@ It does load compressed-tensors, the format its own quantization tooling writes,
 
 Nothing is re-quantized: the only change from the torchao model is rounding the scales (and the float layers) to the
 serving dtype, as the GGUF export rounds its scales to fp16. The float layers (quantizer.skip, the embedding, a tied
-lm_head) are written in that dtype and listed in `ignore`.
+lm_head) are written in that dtype and listed in `ignore`. A quantized embedding (quantizer.embedding) is written as
+its values, code x scale, in that dtype: vLLM gives its embedding layers no quantization method (compressed-tensors'
+integration quantizes Linear layers only), so the vLLM directory keeps a full-size embedding.
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ from torch import nn
 
 from qatune.errors import ConfigError
 from qatune.files import atomic_dir
-from qatune.quantization import quantized_linear_names, quantized_scheme, refuse_fake_quantized
+from qatune.quantization import (
+    quantized_embedding_names,
+    quantized_linear_names,
+    quantized_scheme,
+    refuse_fake_quantized,
+)
 
 VLLM_SCHEMES = ("w4a16", "w4a8")
 # vLLM's int4 kernels: Marlin takes groups of 32, 64 and 128, Machete 64 and 128; nothing runs 256.
@@ -125,7 +132,7 @@ def export_vllm(
     if scheme is None:
         raise ConfigError("model has no int4 weights: convert it first (convert_to_int4 after QAT, or quantize_ptq_)")
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    quantized = set(quantized_linear_names(model))
+    quantized, embeddings = set(quantized_linear_names(model)), set(quantized_embedding_names(model))
     _check_fused_layers(quantized, linears)
     first = model.get_submodule(sorted(quantized)[0]).weight
     group = first.block_size[-1] if first.qdata.ndim == 2 else 0
@@ -146,8 +153,10 @@ def export_vllm(
             else:
                 tensors[f"{module_name}.weight"] = codes.contiguous()
             tensors[f"{module_name}.weight_scale"] = scale.to(dtype).contiguous()
-        else:
-            tensors[name] = tensor.detach().to(dtype).contiguous()
+        else:  # a quantized embedding too, as code x scale: vLLM's embedding layers take no quantization method
+            tensors[name] = (
+                (tensor.dequantize() if module_name in embeddings else tensor).detach().to(dtype).contiguous()
+            )
 
     ignore = [name for name in linears if name not in quantized]
     targets = ["Linear"] + (["lm_head"] if "lm_head" in quantized else [])  # vLLM's LM head is no Linear subclass
