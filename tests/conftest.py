@@ -74,6 +74,16 @@ def make_tiny_llama(vocab_size: int = 512, tie_word_embeddings: bool = False, se
     return LlamaForCausalLM(config).eval()
 
 
+def adamw_steps(model, ids: torch.Tensor, steps: int, lr: float = 1e-2):
+    """A few AdamW steps of next-token loss on `ids`, over the parameters that require grad; the model in eval mode."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

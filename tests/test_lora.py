@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import adamw_steps, make_tiny_llama
 from test_training import Blocks, Killed, kill_at
 
 from qatune.errors import ConfigError
@@ -26,20 +26,11 @@ def lora_model(scheme="8da4w", fused=True, seed=1):
     return add_lora_(fake_quantize_(make_tiny_llama(seed=seed), q), LORA), q
 
 
-def sgd_steps(model, steps=3):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):
-        model(input_ids=IDS, labels=IDS).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model.eval()
-
-
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("scheme", ["8da4w", "4w", "8da8w"])
 def test_merged_then_converted_equals_the_trained_fake_quantized_model(scheme, fused):
     model, q = lora_model(scheme, fused)
-    sgd_steps(model)
+    adamw_steps(model, IDS, steps=3)
     trained = logits(model)
     ptq = logits(quantize_ptq_(make_tiny_llama(seed=1).eval(), q))
     assert not torch.equal(trained, ptq)  # the adapters changed the model

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import adamw_steps, make_tiny_llama
 from omegaconf import OmegaConf
 from torch import nn
 from torchao.quantization.qat import FakeQuantizedLinear, Int8DynActInt4WeightQATQuantizer
@@ -394,15 +394,6 @@ def test_smollm2_both_forms_convert_exactly_and_round_trip(tmp_path, smollm2_dir
 EMBEDDING_CASES = [(s, e) for s in ("8da4w", "4w", "8da8w") for e in ("int4", "int8")]
 
 
-def trained_steps(model: nn.Module, steps: int = 2) -> nn.Module:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        model(input_ids=IDS, labels=IDS).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model.eval()
-
-
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize(("scheme", "embedding"), EMBEDDING_CASES)
 def test_quantized_embedding_trains_and_converts_to_the_same_codes(scheme, embedding, tied, tmp_path):
@@ -415,7 +406,7 @@ def test_quantized_embedding_trains_and_converts_to_the_same_codes(scheme, embed
     model = fake_quantize_(make_tiny_llama(tie_word_embeddings=tied), q)
     assert isinstance(model.model.embed_tokens, FakeQuantizedEmbedding)
     before = model.model.embed_tokens.weight.detach().clone()
-    trained_steps(model)
+    adamw_steps(model, IDS, steps=2)
     assert not torch.equal(model.model.embed_tokens.weight, before)  # the straight-through gradient reaches it
     if tied:
         assert model.lm_head.weight is model.model.embed_tokens.weight  # prepare keeps the tie

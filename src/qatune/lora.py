@@ -54,12 +54,10 @@ def check_lora_config(lora: Mapping[str, Any] | None, model_path: str | None = N
     targets = list(lora.get("target_modules") or [])
     if not targets:
         raise ConfigError(f"lora.target_modules is empty: name linear modules, e.g. [{', '.join(LLAMA_LINEARS)}]")
-    if model_path is not None and (Path(model_path).expanduser() / "config.json").is_file():
-        from transformers import AutoConfig
+    from qatune.models import local_meta_model
 
-        from qatune.models import meta_model
-
-        lora_targets(meta_model(AutoConfig.from_pretrained(Path(model_path).expanduser())), targets)
+    if (model := local_meta_model(model_path)) is not None:
+        lora_targets(model, targets)
 
 
 def _matches(name: str, target: str) -> bool:

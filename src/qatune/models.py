@@ -269,6 +269,14 @@ def meta_model(config: PretrainedConfig) -> PreTrainedModel:
         return AutoModelForCausalLM.from_config(config)
 
 
+def local_meta_model(model_path: str | None) -> PreTrainedModel | None:
+    """meta_model of a local checkpoint's config.json, for checks before anything loads; None when `model_path` is
+    no local checkpoint (a hub id not downloaded yet: its checks run when the model loads)."""
+    if model_path is None or not (Path(model_path).expanduser() / "config.json").is_file():
+        return None
+    return meta_model(AutoConfig.from_pretrained(Path(model_path).expanduser()))
+
+
 def load_model(
     path_or_id: str, dtype: str = "auto", device: str | torch.device = "cpu", revision: str | None = None
 ) -> PreTrainedModel:

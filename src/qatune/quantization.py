@@ -153,7 +153,7 @@ def resolve_quantizer(section: Mapping | None) -> QuantScheme:
         return QuantScheme(**section)
 
     path = section.pop("_component_")
-    qatune_keys = ("skip", "fake_quant_after_n_steps", "fused", "range_learning", "embedding", "embedding_group_size")
+    qatune_keys = [k for k in QATUNE_KEYS if k not in ("scheme", "group_size")]  # the legacy quantizer sets those
     qatune_kwargs = {k: section.pop(k) for k in qatune_keys if k in section}
     cls = _import_legacy_quantizer(path)
     try:
@@ -236,15 +236,11 @@ def _embeddings_to_quantize(model: nn.Module, q: QuantScheme) -> set[str]:
 def check_quantizer_fits(q: QuantScheme, model_path: str | None) -> None:
     """`skip` patterns and embedding_group_size against the model's modules, built on the meta device from a local
     config.json (no weights read): before anything loads. A hub id not downloaded yet is checked at prepare."""
-    if model_path is None or not (Path(model_path).expanduser() / "config.json").is_file():
-        return
-    from transformers import AutoConfig
+    from qatune.models import local_meta_model
 
-    from qatune.models import meta_model
-
-    model = meta_model(AutoConfig.from_pretrained(Path(model_path).expanduser()))
-    _check_skip_patterns(model, q)
-    _embeddings_to_quantize(model, q)
+    if (model := local_meta_model(model_path)) is not None:
+        _check_skip_patterns(model, q)
+        _embeddings_to_quantize(model, q)
 
 
 def quantized_embedding_names(model: nn.Module) -> list[str]:

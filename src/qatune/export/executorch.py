@@ -83,7 +83,7 @@ def export_executorch(
     embedding = model.get_input_embeddings()
     padding_before, embedding.padding_idx = embedding.padding_idx, None
     attentions = [layer.self_attn for layer in model.model.layers]
-    dtype = model.get_input_embeddings().weight.dtype
+    dtype = embedding.weight.dtype
     for attn in attentions:
         shape = (1, max_seq_len, config.num_key_value_heads, attn.head_dim)
         attn.register_buffer("et_k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
