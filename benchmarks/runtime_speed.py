@@ -78,8 +78,9 @@ def gguf_linear_bytes(path: Path) -> int:
 
 
 def gguf_exact_linears(model, path: Path) -> tuple[int, int]:
-    """How many int4 linear weights in the GGUF dequantize (gguf's own Q4_0 reader) to exactly torchao's dequantized
-    weight with its scales rounded to fp16 (llama.cpp's q/k row order); and how many int4 linears the model has."""
+    """How many quantized weights (linears, and the embedding where quantized) in the GGUF dequantize (gguf's own
+    Q4_0 / Q8_0 reader) to exactly torchao's dequantized weight with its scales rounded to fp16 (llama.cpp's q/k row
+    order); and how many quantized weights the model has."""
     from qatune.export import permute_for_llama_cpp
 
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
@@ -95,7 +96,8 @@ def gguf_exact_linears(model, path: Path) -> tuple[int, int]:
         expected = w.qdata.float() * scale16
         if n_head := next((h for key, h in heads.items() if f".{key}." in name), None):
             expected = permute_for_llama_cpp(expected, n_head)
-        t = tensors[names.get_name(name, try_suffixes=(".weight",))]
+        key = names.get_name(name, try_suffixes=(".weight",))
+        t = tensors.get(key) or tensors["token_embd.weight"]  # no output.weight: lm_head shares token_embd's codes
         got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(expected.shape)
         exact += bool(np.array_equal(got, expected.numpy()))
     return exact, total
@@ -188,14 +190,15 @@ def llama_cpp_q4_0(source: Path, target: Path, output_q4_0: bool) -> Path:
 
 def requantized_by_llama_cpp(int4: torch.nn.Module, tokenizer, target: Path) -> Path:
     """The int4 model's own weights (dequantized, exact in f32) re-quantized by llama.cpp's Q4_0 rule: what a user
-    gets by converting the QAT checkpoint to a float GGUF and running llama-quantize on it."""
+    gets by converting the QAT checkpoint to a float GGUF and running llama-quantize on it (a quantized embedding is
+    dequantized too and stored f16, llama-quantize's usual choice)."""
     import copy
 
     from qatune.export import export_gguf
-    from qatune.quantization import quantized_linear_names
+    from qatune.quantization import quantized_embedding_names, quantized_linear_names
 
     model = copy.deepcopy(int4)
-    for name in quantized_linear_names(model):
+    for name in quantized_linear_names(model) + quantized_embedding_names(model):
         module = model.get_submodule(name)
         module.weight = torch.nn.Parameter(module.weight.dequantize(), requires_grad=False)
     f32 = target.with_name(target.stem + "-f32.gguf")
@@ -213,15 +216,17 @@ def lm_head_is_int4(model: torch.nn.Module) -> bool:
 
 
 def changed_codes(ours: Path, theirs: Path) -> float:
-    """The fraction of Q4_0 codes (nibbles) that differ between two GGUF files of the same model."""
+    """The fraction of Q4_0 codes (nibbles) that differ between two GGUF files of the same model, over the Q4_0
+    tensors both hold (a shared Q4_0 `token_embd` in ours is `output.weight` plus an f16 `token_embd` in theirs)."""
 
     def q4_0(path: Path) -> dict[str, np.ndarray]:  # each block: fp16 scale, then 16 bytes of two codes each
         tensors = gguf.GGUFReader(path).tensors
         return {t.name: np.asarray(t.data).reshape(-1, 18)[:, 2:] for t in tensors if t.tensor_type == Q4_0}
 
     a, b = q4_0(ours), q4_0(theirs)
-    if a.keys() != b.keys():
-        raise ValueError(f"{ours} and {theirs} hold different Q4_0 tensors")
+    a = {k: v for k, v in a.items() if k in b}
+    if not a:
+        raise ValueError(f"{ours} and {theirs} hold no Q4_0 tensor in common")
     diff = sum(int(((x ^ y) & 0x0F != 0).sum() + ((x ^ y) >> 4 != 0).sum()) for x, y in ((a[k], b[k]) for k in a))
     return diff / sum(2 * x.size for x in a.values())
 
@@ -278,7 +283,7 @@ def main() -> None:
     prompt = prompts[0]
     if ("gguf", "int4 Q4_0") in paths:
         exact, total = gguf_exact_linears(int4, paths["gguf", "int4 Q4_0"])
-        print(f"GGUF: {exact} of {total} int4 linear weights dequantize exactly to torchao's (fp16 scales)")
+        print(f"GGUF: {exact} of {total} quantized weights dequantize exactly to torchao's (fp16 scales)")
         changed = changed_codes(paths["gguf", "int4 Q4_0"], paths["gguf", "requant Q4_0"])
         print(f"llama.cpp's own Q4_0 rounding of the same weights changes {changed:.1%} of the int4 codes")
     rows, twins = [], {}
