@@ -3,7 +3,7 @@
     python benchmarks/runtime_speed.py --int4 out/smollm2_135m/int4             # a qat_recipe output (QAT codes)
     python benchmarks/runtime_speed.py --runtimes gguf --threads 2               # no --int4: PTQ SmolLM2 on the fly
 
-Runtimes: gguf = llama.cpp through llama-cpp-python (`pip install 'qatune[llama-cpp]'`, compiles llama.cpp: ~25 min on 2
+Runtimes: gguf = llama.cpp through llama-cpp-python (`pip install 'qatune[llama-cpp]'`, compiles llama.cpp: ~4 min on 2
 cores); executorch = the ExecuTorch runtime over an XNNPACK `.pte` (`pip install 'qatune[executorch]'`); torch =
 transformers + torchao eager over the --int4 directory itself, with a KV cache (no twin). Artifacts: int4
 (qatune's export: the torchao int4 codes as Q4_0 / XNNPACK 8da4w) and float twins of --float, the checkpoint QAT started
