@@ -77,7 +77,7 @@ def gguf_linear_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name.split(".")[-2] in LINEAR_GGUF)
 
 
-def gguf_exact_linears(model, path: Path) -> tuple[int, int]:
+def gguf_exact_weights(model, path: Path) -> tuple[int, int]:
     """How many quantized weights (linears, and the embedding where quantized) in the GGUF dequantize (gguf's own
     Q4_0 / Q8_0 reader) to exactly torchao's dequantized weight with its scales rounded to fp16 (llama.cpp's q/k row
     order); and how many quantized weights the model has."""
@@ -97,7 +97,9 @@ def gguf_exact_linears(model, path: Path) -> tuple[int, int]:
         if n_head := next((h for key, h in heads.items() if f".{key}." in name), None):
             expected = permute_for_llama_cpp(expected, n_head)
         key = names.get_name(name, try_suffixes=(".weight",))
-        t = tensors.get(key) or tensors["token_embd.weight"]  # no output.weight: lm_head shares token_embd's codes
+        if key == "output.weight" and key not in tensors:  # llama.cpp's rule: no output.weight, multiply by token_embd
+            key = "token_embd.weight"
+        t = tensors[key]
         got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(expected.shape)
         exact += bool(np.array_equal(got, expected.numpy()))
     return exact, total
@@ -282,7 +284,7 @@ def main() -> None:
     paths, prompts, eager, int4, windows, eager_top = build_artifacts(args, runtimes)
     prompt = prompts[0]
     if ("gguf", "int4 Q4_0") in paths:
-        exact, total = gguf_exact_linears(int4, paths["gguf", "int4 Q4_0"])
+        exact, total = gguf_exact_weights(int4, paths["gguf", "int4 Q4_0"])
         print(f"GGUF: {exact} of {total} quantized weights dequantize exactly to torchao's (fp16 scales)")
         changed = changed_codes(paths["gguf", "int4 Q4_0"], paths["gguf", "requant Q4_0"])
         print(f"llama.cpp's own Q4_0 rounding of the same weights changes {changed:.1%} of the int4 codes")
