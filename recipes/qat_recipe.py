@@ -50,7 +50,7 @@ from qatune.training import (
     DistributedConfig,
     TrainConfig,
     check_resume,
-    check_strategy,
+    check_distributed_config,
     check_train_config,
     latest_checkpoint,
     main_process_first,
@@ -117,7 +117,7 @@ def check_config(cfg: DictConfig) -> None:
     """Checks that need no weights, run by `tune validate` and before `tune run` starts."""
     check_train_config(cfg, cfg.optimizer)
     check_at_least("seq_len", cfg.seq_len, 2)
-    check_strategy(cfg.distributed.strategy)
+    check_distributed_config(cfg.distributed)
     check_device(cfg.device)
     check_output_dir(cfg.output_dir)
     check_previous_run(cfg.output_dir, RUN_FILES, overwrite=cfg.overwrite, resume=cfg.resume)
@@ -196,7 +196,7 @@ def main(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(
         device, cfg.gradient_accumulation_steps, str(out), list(cfg.trackers), strategy=cfg.distributed.strategy,
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=cfg.mixed_precision, timeout_minutes=cfg.distributed.timeout_minutes,
     )  # fmt: skip
     main_process = accelerator.is_main_process  # evaluates, saves and prints; every process trains
     sharded = uses_fsdp2(cfg.distributed.strategy, accelerator.num_processes)
@@ -264,7 +264,7 @@ def main(cfg: DictConfig) -> dict:
             run_identity=run_identity(cfg, accelerator.num_processes, name),
         )  # fmt: skip
         if cfg.lora and model is not None:
-            if name == "qat":  # the float adapters alone, for peft users
+            if name == "qat" and main_process:  # the float adapters alone, for peft users (one writer under DDP)
                 print(f"adapter (peft format): {save_adapter(model, out / 'adapter', cfg.lora, cfg.model.path)}")
             merge_lora_(model)  # the weight the fake quantizer saw, written back: convert gives its int4 codes
         return model, {k: v for k, v in vars(run).items() if k != "losses"}

@@ -22,6 +22,13 @@ CHAT_TEMPLATE = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _run_in_an_empty_directory(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty working directory: what the user's own runs left in the checkout (`make demo`
+    writes out/smollm2_135m, which `tune validate smollm2_135m` then refuses as a previous run) changes nothing."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def _train_tiny_tokenizer():
     from pydoc_data.topics import topics
 

@@ -257,3 +257,35 @@ def test_smollm2_end_to_end_few_steps(smollm2_dir, tmp_path):
     assert json.loads((out / "report.json").read_text())["recovery"] is None  # no fine-tuned baseline, no figure
     assert "No recovery figure" in (out / "report.md").read_text()
     assert (out / "int4" / "config.json").is_file()
+
+
+def test_trackers_on_two_processes_keep_the_process_group_to_the_end(tiny_checkpoint, tmp_path):
+    """accelerate's end_training() destroys the process group; the gather after training (and the second fine-tune
+    of compare.finetune_baseline) needs it. Also: the collective timeout is the one configured, not NCCL's 10 min."""
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tracked"
+    proc = run_two_processes(
+        tiny_overrides(tiny_checkpoint, out, "compare.baseline=false", "compare.finetune_baseline=true",
+                       "trackers=[tensorboard]", "distributed.timeout_minutes=7")
+    )  # fmt: skip
+    assert (out / "int4" / "config.json").is_file() and proc.stdout.count("int4 checkpoint:") == 1
+    for run in ("bf16_finetuned", "qat"):  # each fine-tune has its own tracker run with its 4 steps
+        events = list((out / run).glob("events.out.tfevents.*"))
+        assert len(events) == 1, sorted(p.relative_to(out) for p in out.rglob("*tfevents*"))
+    assert proc.stdout.count("collective timeout 7 min") == 2  # the process group's own setting, each run
+
+
+def test_ddp_lora_on_two_processes_writes_the_adapter_once(tiny_checkpoint, tmp_path):
+    """Every DDP rank used to save output_dir/adapter: concurrent renames of one directory collide."""
+    out = tmp_path / "lora"
+    proc = subprocess.run(
+        [*TUNE, "--nproc_per_node", "2", "qat_recipe", "--config", "smollm2_135m_lora",
+         *tiny_overrides(tiny_checkpoint, out, "compare.baseline=false")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("adapter (peft format):") == 1
+    from safetensors.torch import load_file
+
+    assert len(load_file(out / "adapter" / "adapter_model.safetensors")) == 2 * 7 * 2  # A and B, 7 linears, 2 layers
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp dir left

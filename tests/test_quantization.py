@@ -433,6 +433,27 @@ def test_quantized_embedding_trains_and_converts_to_the_same_codes(scheme, embed
     assert torch.equal(logits(loaded), trained)
 
 
+@pytest.mark.parametrize("embedding", ["int4", "int8"])
+def test_a_quantized_tied_embedding_with_a_float_lm_head_saves_a_checkpoint_transformers_loads(
+    embedding, tmp_path, tiny_tokenizer
+):
+    """Tied model, int embedding, lm_head kept float (the configs' default skip): the saved config must not say
+    tie_word_embeddings, else transformers' tie_weights fails (aten.equal on torchao's int tensor)."""
+    q = resolve_quantizer({"scheme": "8da4w", "group_size": 32, "embedding": embedding, "skip": ["lm_head"]})
+    model = fake_quantize_(make_tiny_llama(tie_word_embeddings=True), q)
+    adamw_steps(model, IDS, steps=2)
+    trained = logits(model)
+    convert_to_int4(model, q)
+    assert model.config.tie_word_embeddings is False and not _is_quantized(model.lm_head)
+    out = save_quantized(model, tiny_tokenizer, tmp_path / "int4")
+    loaded = load_in_fresh_process(out, IDS, tmp_path)
+    assert torch.equal(loaded["logits"], trained) and loaded["tied"] is False
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return isinstance(module.weight, TorchAOBaseTensor)
+
+
 def test_enable_fake_quant_switches_the_embedding_too():
     q = QuantScheme(embedding="int4", fake_quant_after_n_steps=5)
     model = fake_quantize_(make_tiny_llama(), q)

@@ -438,9 +438,12 @@ def _mark_quantized(model: nn.Module, q: QuantScheme) -> None:
     from transformers.quantizers.auto import AutoHfQuantizer
 
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if getattr(config, "tie_word_embeddings", False) and output is not None and _is_quantized_weight(output):
-        # quantize_ gave lm_head its own int weight Parameter; the embedding kept the float one. Saying so keeps
-        # transformers from re-tying them on save/load (which would drop the int lm_head).
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tables = [m for m in (output, inputs) if m is not None]
+    if getattr(config, "tie_word_embeddings", False) and any(_is_quantized_weight(m) for m in tables):
+        # quantize_ gave the quantized one (lm_head, the embedding or both) its own int weight Parameter. Saying so
+        # keeps transformers from re-tying them on save/load: that would drop an int lm_head, or, with an int
+        # embedding and a float lm_head, fail in tie_weights (torchao's int tensors do not implement aten.equal).
         config.tie_word_embeddings = False
     # Name the float linears explicitly: with None transformers adds its default skips (lm_head) and would then
     # misread a quantized lm_head in the checkpoint.

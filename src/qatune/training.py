@@ -14,12 +14,13 @@ import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, set_seed
+from accelerate.utils import AutocastKwargs, DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -102,6 +103,16 @@ def check_strategy(strategy: str) -> None:
 @dataclass
 class DistributedConfig:
     strategy: str = "ddp"  # ddp (a full copy per process) | fsdp2 (sharded weights, gradients, optimizer states)
+    # How long a rank waits in a collective (NCCL's own default is 10 min, gloo's 30): the others wait while rank 0
+    # downloads, tokenizes and reads the checkpoint into CPU memory (an 8B model: 16 GB on one thread).
+    timeout_minutes: float = 60.0
+
+
+def check_distributed_config(cfg: Mapping[str, Any]) -> None:
+    check_strategy(cfg.get("strategy"))
+    minutes = cfg.get("timeout_minutes")
+    if not is_positive_number(minutes):
+        raise ConfigError(f"distributed.timeout_minutes={minutes!r}: give a positive number of minutes, e.g. 60")
 
 
 def uses_fsdp2(strategy: str, num_processes: int) -> bool:
@@ -115,13 +126,14 @@ def make_accelerator(
     trackers: list[str] | None = None,
     strategy: str = "ddp",
     mixed_precision: str = "auto",
+    timeout_minutes: float = DistributedConfig.timeout_minutes,
 ) -> Accelerator:
     """The accelerator of a run: one process or many (torchrun/accelerate launch set the environment).
 
     Weights, gradients and optimizer states are fp32 (master weights); with mixed_precision bf16 (auto: on CUDA,
     where bf16 is fast; on CPU it is slower than fp32) the forward and backward run under bf16 autocast. Several
     processes: DDP (gloo on CPU, NCCL on GPU), or with strategy fsdp2 the model arrives sharded by qatune.fsdp and
-    accelerate shards only the data.
+    accelerate shards only the data. `timeout_minutes` is the process group's collective timeout (NCCL and gloo).
     """
     check_strategy(strategy)
     if mixed_precision == "auto":
@@ -139,8 +151,17 @@ def make_accelerator(
         step_scheduler_with_optimizer=False,
         log_with=trackers or None,
         project_dir=output_dir,
-        kwargs_handlers=[autocast],
+        kwargs_handlers=[autocast, InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))],
     )
+
+
+def collective_timeout(device: torch.device) -> timedelta | None:
+    """The timeout the default process group's backend for `device` really has (None when not distributed)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return dist.group.WORLD._get_backend(device).options._timeout
 
 
 def main_process_first(accelerator: Accelerator, fn: Callable[[], Any]) -> Any:
@@ -402,7 +423,11 @@ class StepLog:
     def close(self) -> None:
         self.bar.close()
         if self.cfg.trackers:
-            self.accelerator.end_training()
+            # Not accelerator.end_training(): it also destroys the process group on every rank, which the gather of
+            # the trained weights and a second fine-tune in the same process still need.
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers = []  # the next run's init_trackers starts its own
 
 
 def train(
@@ -444,9 +469,11 @@ def train(
         where = "at" if state.step == p.total_steps else "past"
         accelerator.print(f"the checkpoint is {where} the run's last step ({p.total_steps}): no step left to train")
     world = accelerator.num_processes
+    timeout = collective_timeout(accelerator.device)
     accelerator.print(
         f"[{run_name}] world size {world}, global batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} x {world}"
         f" = {cfg.batch_size * cfg.gradient_accumulation_steps * world} sequences, {p.total_steps} steps"
+        + (f", collective timeout {timeout.total_seconds() / 60:g} min" if timeout is not None else "")
     )
     if p.sharded:
         local, total = fsdp.parameter_counts(p.model)
