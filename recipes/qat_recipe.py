@@ -49,8 +49,8 @@ from qatune.runtimes import RUNTIME_MODULES, measure_runtime, runtime_installed
 from qatune.training import (
     DistributedConfig,
     TrainConfig,
-    check_resume,
     check_distributed_config,
+    check_resume,
     check_train_config,
     latest_checkpoint,
     main_process_first,
