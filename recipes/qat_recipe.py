@@ -1,7 +1,7 @@
 """Quantization-aware fine-tuning to int4, compared side by side with the float model and plain PTQ.
 
     tune run qat_recipe --config smollm2_135m                 # any CPU, offline, minutes
-    tune run qat_recipe --config llama3_8b batch_size=2       # GPU
+    tune run --nproc_per_node 8 qat_recipe --config llama3_8b   # GPUs (one GPU: --config llama3_8b_lora)
 
 Flow: load (fp32 master weights) -> insert fake quantization -> fine-tune (every process) -> convert to real int4
 -> save `output_dir/int4` (a Hugging Face + torchao checkpoint) -> evaluate it beside the float baseline and its
@@ -34,6 +34,7 @@ from qatune.fsdp import load_sharded
 from qatune.lora import LoraConfig, add_lora_, check_lora_config, merge_lora_, save_adapter
 from qatune.measure import check_measure_args, measure_model, model_size, speed_prompt
 from qatune.models import ModelConfig, check_model_config, load_model, load_tokenizer
+from qatune.planner import check_plan_fits
 from qatune.quantization import (
     check_quantizer_fits,
     convert_to_int4,
@@ -198,6 +199,8 @@ def main(cfg: DictConfig) -> dict:
         device, cfg.gradient_accumulation_steps, str(out), list(cfg.trackers), strategy=cfg.distributed.strategy,
         mixed_precision=cfg.mixed_precision, timeout_minutes=cfg.distributed.timeout_minutes,
     )  # fmt: skip
+    if device.type == "cuda":  # a plan past the GPU's memory is refused before anything loads (tune estimate)
+        check_plan_fits(cfg, accelerator.num_processes, torch.cuda.get_device_properties(device).total_memory)
     main_process = accelerator.is_main_process  # evaluates, saves and prints; every process trains
     sharded = uses_fsdp2(cfg.distributed.strategy, accelerator.num_processes)
     if cfg.overwrite and main_process:

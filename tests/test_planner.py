@@ -226,3 +226,51 @@ def test_embedding_fake_quant_term_matches_saved_tensors(embedding_group_size):
         == measured
         == (4 + 8 / embedding_group_size) * 2048 * 256
     )
+
+
+def test_a_gpu_run_whose_plan_exceeds_the_gpu_is_refused_naming_what_fits():
+    """recipes/qat_recipe.py calls check_plan_fits on CUDA before anything loads: full QAT of 8B on one 80 GB GPU
+    (141 GB planned) stops with one line naming tune estimate and the launches that fit."""
+    from qatune.cli import load_recipe_config
+    from qatune.planner import check_plan_fits
+
+    _, cfg = load_recipe_config("qat_recipe", "llama3_8b", [])
+    with pytest.raises(ConfigError, match=r"141\.4 GB per GPU on 1 GPU.*80\.0 GB.*--nproc_per_node 4.*tune estimate"):
+        check_plan_fits(cfg, 1, 80 * 10**9)
+    check_plan_fits(cfg, 8, 80 * 10**9)  # the same config on one node of 8: fits
+    _, lora = load_recipe_config("qat_recipe", "llama3_8b_lora", [])
+    check_plan_fits(lora, 1, 80 * 10**9)
+    with pytest.raises(ConfigError, match="more than this GPU's 24.0 GB"):
+        check_plan_fits(lora, 1, 24 * 10**9)
+
+
+def _documented_gpu_commands() -> list[tuple[str, str]]:
+    """Every `tune run ... qat_recipe --config <GPU config>` line of README.md and the config headers."""
+    import re
+    from pathlib import Path
+
+    from qatune import registry
+
+    root = Path(__file__).parents[1]
+    sources = [root / "README.md", *sorted((registry.configs_dir() / "qat_recipe").glob("*.yaml"))]
+    found = []
+    for path in sources:
+        for line in path.read_text().splitlines():
+            line = line.lstrip("#").strip()
+            m = re.match(r"tune run (.*?)qat_recipe --config (\S+)(.*)", line.split("  #")[0])
+            if m and not m.group(2).startswith(("smollm2_135m", "./", "<")):
+                found.append((path.name, line.split("  #")[0].strip()))
+    return found
+
+
+@pytest.mark.parametrize(("where", "command"), _documented_gpu_commands())
+def test_every_documented_gpu_command_fits_80_gb_gpus(where, command):
+    import shlex
+
+    from qatune.cli import build_parser, load_recipe_config
+    from qatune.planner import check_plan_fits
+
+    args, extra = build_parser().parse_known_args(shlex.split(command)[1:])
+    overrides = [o for o in [*args.overrides, *extra] if not o.startswith("model.path=")]  # no weights here
+    _, cfg = load_recipe_config("qat_recipe", args.config, overrides)
+    check_plan_fits(cfg, args.nproc_per_node * args.nnodes, 80 * 10**9)

@@ -425,7 +425,7 @@ def _advice(stats: ModelStats, knobs: dict, memory: dict, budget: float) -> list
     return advice
 
 
-def estimate_from_config(cfg, num_gpus: int = 1) -> dict[str, Any]:
+def estimate_from_config(cfg, num_gpus: int = 1, gpu_memory_gb: float | None = None) -> dict[str, Any]:
     """`plan_memory` for a recipe config (`tune estimate` / `tune run --dry-run`); loads no weights."""
     from omegaconf import OmegaConf
 
@@ -453,12 +453,29 @@ def estimate_from_config(cfg, num_gpus: int = 1) -> dict[str, Any]:
         qat=quantizer is not None,
         qat_scheme=str(get("quantizer.scheme", "8da4w")),
         group_size=int(get("quantizer.group_size", 32)),
-        gpu_memory_gb=float(get("gpu_memory_gb", 80)),
+        gpu_memory_gb=float(gpu_memory_gb or get("gpu_memory_gb", 80)),
         lora_rank=int(get("lora.rank", 0)),
         lora_targets=tuple(get("lora.target_modules", ())),
         embedding_group_size=None
         if get("quantizer.embedding", "none") == "none"
         else int(get("quantizer.embedding_group_size", 32)),
+    )
+
+
+def check_plan_fits(cfg, num_processes: int, gpu_memory_bytes: int) -> None:
+    """Refuse, before any weight loads, a GPU run whose plan needs more than the GPU holds (the plan counts tensors,
+    a lower bound: past the GPU's whole memory it cannot fit). A model the planner cannot size is not refused."""
+    try:
+        plan = estimate_from_config(cfg, num_gpus=num_processes, gpu_memory_gb=gpu_memory_bytes / GB)
+    except ConfigError:  # a hub id outside KNOWN_ARCHITECTURES: nothing to plan with before the download
+        return
+    if plan["bytes"]["total"] <= gpu_memory_bytes:
+        return
+    fixes = "; ".join(plan["advice"])
+    raise ConfigError(
+        f"memory plan: {plan['total_gb']:.1f} GB per GPU on {num_processes} GPU(s) ({plan['strategy']}), more than "
+        f"this GPU's {gpu_memory_bytes / GB:.1f} GB; what fits: {fixes}; or QAT + LoRA (a lora: section, e.g. "
+        f"--config llama3_8b_lora); `tune estimate --config ... --nproc_per_node N` prints the plan"
     )
 
 
