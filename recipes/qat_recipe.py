@@ -229,6 +229,7 @@ def main(cfg: DictConfig) -> dict:
         model = load_model(cfg.model.path, dtype=dtype, device=where, revision=cfg.model.revision)
         if name == "qat":
             fake_quantize_(model, q)
+        torch.manual_seed(cfg.seed)  # the adapters' initial A: a function of `seed`, not of what ran before
         return add_lora_(model, cfg.lora) if cfg.lora else model  # after fake quant: it quantizes W + s B A
 
     def skeleton(config, name: str) -> nn.Module:  # the same architecture without trained weights
