@@ -33,7 +33,15 @@ from qatune.files import check_output_dir, check_previous_run, remove_previous_r
 from qatune.fsdp import load_sharded
 from qatune.lora import LoraConfig, add_lora_, check_lora_config, merge_lora_, save_adapter
 from qatune.measure import check_measure_args, measure_model, model_size, speed_prompt
-from qatune.models import ModelConfig, check_model_config, load_model, load_tokenizer
+from qatune.models import (
+    ModelConfig,
+    check_model_config,
+    load_model,
+    load_tokenizer,
+    model_dtype,
+    resolve_dtype,
+    to_dtype_,
+)
 from qatune.planner import check_plan_fits
 from qatune.quantization import (
     check_quantizer_fits,
@@ -193,6 +201,7 @@ def served_results(exported: dict[str, Path], tokenizer, eval_texts: list[str], 
 
 def main(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
+    eval_dtype = resolve_dtype(cfg.model.dtype, device)  # what every row of the report is evaluated in
     q = resolve_quantizer(cfg.quantizer)
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(
@@ -239,14 +248,19 @@ def main(cfg: DictConfig) -> dict:
         model.tie_weights()  # torchao's swap of a meta-device lm_head unties it from the embeddings
         return model
 
-    def evaluate(model: nn.Module) -> dict:
+    def evaluate(model: nn.Module) -> dict:  # every row in eval_dtype, on the device, alone there
         e = cfg.eval
-        result = perplexity(
-            model.to(device), tokenizer, eval_texts, seq_len=e.seq_len, protocol=e.protocol, batch_size=e.batch_size
+        to_dtype_(model, eval_dtype).to(device)
+        result = {"dtype": model_dtype(model)}
+        result |= perplexity(
+            model, tokenizer, eval_texts, seq_len=e.seq_len, protocol=e.protocol, batch_size=e.batch_size
         )
         if e.measure:
             speed = dict(prompt_len=e.prompt_len, decode_tokens=e.decode_tokens, runs=e.runs)
             result |= measure_model(model, tokenizer, **speed)
+        model.cpu()  # the next row's peak memory is its own model's (the caller frees or keeps this one in CPU memory)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         return result
 
     def fine_tune(name: str, on_step=None, loss_fn=None) -> tuple[nn.Module | None, dict]:
@@ -294,6 +308,7 @@ def main(cfg: DictConfig) -> dict:
     )  # fmt: skip
     report = {
         "model": {"path": cfg.model.path},
+        "eval_dtype": str(eval_dtype).removeprefix("torch."),  # every row's, QAT's included (`dtype` in each row)
         "config": OmegaConf.to_container(cfg, resolve=True),
         "results": results,
         "training": training["qat"],
@@ -302,8 +317,9 @@ def main(cfg: DictConfig) -> dict:
     if not main_process:
         return report  # this rank's work ended with the gather of the trained weights
 
-    # 3. Convert to real int4 and save the checkpoint before any long evaluation, then evaluate it.
-    convert_to_int4(enable_fake_quant(model, True), q)
+    # 3. Convert to real int4 (from the fp32 master weights: the trained codes), in eval_dtype like every other row
+    # (scales and float parts; bf16 on CUDA), and save the checkpoint before any long evaluation, then evaluate it.
+    to_dtype_(convert_to_int4(enable_fake_quant(model, True), q), eval_dtype)
     save_quantized(model, tokenizer, out / "int4")
     print(f"int4 checkpoint: {out / 'int4'}")
     results["qat"] = evaluate(model)

@@ -316,3 +316,25 @@ def test_lora_with_activation_checkpointing_gives_the_same_losses(tiny_checkpoin
     # adapters' initial A comes from `seed`, not from the RNG state the previous run left
     assert len(set(losses_of(tmp_path / "true"))) == 4
     assert reports["true"]["results"]["qat"]["perplexity"] == reports["false"]["results"]["qat"]["perplexity"]
+
+
+def test_every_row_is_evaluated_in_model_dtype(tiny_checkpoint, tmp_path):
+    """On a GPU model.dtype is bf16: the baselines used to run in bf16 while the QAT row (and int4/) stayed fp32.
+    model.dtype=bf16 on CPU is the same set-up: every row, QAT's included, and the saved int4 model in bf16."""
+    out = tmp_path / "bf16"
+    report = run_recipe(tiny_overrides(tiny_checkpoint, out, "compare.finetune_baseline=true", "model.dtype=bf16"))
+    assert report["eval_dtype"] == "bfloat16"
+    rows = report["results"]
+    assert set(rows) == {"bf16", "ptq", "qat", "bf16_finetuned", "ptq_finetuned"}
+    assert {name: r["dtype"] for name, r in rows.items()} == dict.fromkeys(rows, "bfloat16")
+    assert "Every row evaluated in bfloat16" in (out / "report.md").read_text()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qatune.data import python_docs
+    from qatune.evaluation import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(out / "int4")  # the checkpoint holds what the report measured
+    assert model.model.layers[0].mlp.up_proj.weight.scale.dtype == torch.bfloat16
+    again = perplexity(model, AutoTokenizer.from_pretrained(out / "int4"), python_docs("validation")[:4], seq_len=64,
+                       batch_size=4, progress=False)  # fmt: skip
+    assert again["perplexity"] == pytest.approx(rows["qat"]["perplexity"], rel=1e-6)

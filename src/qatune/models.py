@@ -246,6 +246,22 @@ def check_model_config(cfg: ModelConfig, section: str = "model") -> None:
     check_dtype(cfg.dtype, f"{section}.dtype")
 
 
+def to_dtype_(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Parameters to `dtype` in place, buffers left as they are: the model then equals one loaded with
+    `from_pretrained(dtype=...)`, which keeps rotary inv_freq in fp32 (`model.to(bf16)` would round it too)."""
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    model.to(dtype)
+    for m, name, b in buffers:
+        m._buffers[name] = b
+    return model
+
+
+def model_dtype(model: torch.nn.Module) -> str:
+    """The dtype the model computes in, read off its parameters (torchao's int tensors report the dtype they
+    dequantize to), e.g. "bfloat16"; several, comma-separated, when the parameters disagree."""
+    return ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))
+
+
 def resolve_dtype(dtype: str, device: str | torch.device = "cpu") -> torch.dtype:
     """dtype "auto" is bf16 on CUDA and fp32 on CPU, where bf16 matmuls are slower than fp32 ones."""
     check_dtype(dtype, "dtype")

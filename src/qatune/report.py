@@ -134,6 +134,8 @@ def format_markdown(report: Mapping[str, Any], png_name: str | None = None) -> s
     lines = ["# qatune report", ""]
     if report.get("model", {}).get("path"):
         lines += [f"Model: `{report['model']['path']}`", ""]
+    if report.get("eval_dtype"):  # QAT's int4 model too: its scales and float parts, like the baselines' weights
+        lines += [f"Every row evaluated in {report['eval_dtype']} (`model.dtype`).", ""]
     lines += markdown_table(*table_rows(results))
     measured = [r for r in results.values() if isinstance(r, Mapping) and "threads" in r]
     if measured:
