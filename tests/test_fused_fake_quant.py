@@ -207,3 +207,39 @@ def test_bf16_autocast_with_fp32_or_bf16_weights_is_torchaos_path(scheme, weight
     for torchao_grad, fused_grad, p in zip(results[0][1], results[1][1], fused.parameters(), strict=True):
         assert fused_grad.dtype == p.dtype == weight_dtype  # gradients in the weights' dtype: fp32 master weights stay
         assert torch.equal(torchao_grad, fused_grad)
+
+
+def test_the_compiled_kernels_divide_by_no_constant_and_round_division_as_eager():
+    """On GPUs inductor turns x / constant into x * (1 / constant) and lowers fp32 division to Triton's approximate
+    one: the fused kernels would then miss torchao's scales by an ulp and flip codes at ties. So every division in
+    them has a tensor divisor, and they compile with inductor's eager division rounding (gpu_check checks the bits
+    on a GPU)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from qatune.fused_fake_quant import (
+        FakeQuantSpec,
+        _divisor,
+        _fake_quantize,
+        _qparams,
+        _qparams_fake_quantize,
+        _straight_through,
+        division_rounding_option,
+    )
+
+    assert division_rounding_option() == {"eager_numerics.division_rounding": True}
+    x = torch.randn(8, 32)
+    for symmetric in (True, False):
+        spec = FakeQuantSpec(-8, 7, symmetric, 32, None, None, torch.int32)
+        scale, zero_point = _qparams(x, _divisor(spec, x.device), spec)
+
+        def traced(fn, *args, spec=spec):
+            return make_fx(lambda *a: fn(*a, spec))(*args).graph
+
+        graphs = [
+            traced(_qparams_fake_quantize, x, _divisor(spec, x.device)),
+            traced(_fake_quantize, x, scale, zero_point),
+            traced(_straight_through, x, scale, zero_point, x),
+        ]
+        divisions = [n for g in graphs for n in g.nodes if "div" in str(n.target)]
+        assert divisions  # the check sees them
+        assert all(isinstance(n.args[1], torch.fx.Node) for n in divisions), [(n.target, n.args) for n in divisions]

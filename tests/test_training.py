@@ -296,3 +296,6 @@ def test_the_gpu_check_runs_on_cpu(tmp_path):
     assert all(r["weights_dtype"] == "{torch.float32}" and r["tokens_per_s"] > 0 for r in rows.values())
     assert rows["fused_qat"]["final_loss"] == rows["torchao_qat"]["final_loss"]  # the same numerics, bit for bit
     assert report["int4"]["bit_exact"] and report["int4"]["weight"] == "IntxUnpackedToInt8Tensor"
+    # each row's peak memory is its own: no earlier row's model (the trained fused one) still alive at its start
+    assert [rows[r]["models_alive_at_start"] for r in ("plain", "fused_qat", "torchao_qat")] == [0, 0, 0]
+    assert report["fused_kernels"] == {"8da4w": True, "8da4w_bf16_autocast": True, "4w": True, "4w_bf16_autocast": True}

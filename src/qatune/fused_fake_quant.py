@@ -22,6 +22,7 @@ Forward and gradients are bit-identical to torchao's (tests/test_fused_fake_quan
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import partial
 
@@ -82,7 +83,21 @@ def fake_quant_spec(quantizer: nn.Module | None, role: str) -> FakeQuantSpec | N
 # scales torch.compile fuses each into one or two vectorized loops (still bit-identical: tests check it).
 
 
-def _qparams(x2: torch.Tensor, spec: FakeQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _divisor(spec: FakeQuantSpec, device: torch.device) -> torch.Tensor:
+    """(qmax - qmin) / 2 (symmetric) or qmax - qmin, as a tensor argument of the compiled kernels: inductor replaces
+    division by a constant with multiplication by its reciprocal on GPUs, which is not torchao's rounding. Exact in
+    any float dtype (7.5, 15, 127.5, 255), so dividing by it equals torchao's division by the Python float."""
+    key = (spec.qmin, spec.qmax, spec.symmetric, device)
+    if key not in _DIVISORS:
+        value = float(spec.qmax - spec.qmin) / (2 if spec.symmetric else 1)
+        _DIVISORS[key] = torch.tensor(value, dtype=torch.float32, device=device)
+    return _DIVISORS[key]
+
+
+_DIVISORS: dict = {}
+
+
+def _qparams(x2: torch.Tensor, divisor: torch.Tensor, spec: FakeQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero_point), shape (rows, 1): torchao's choose_qparams_affine (min and max in one pass)."""
     min_val, max_val = torch.aminmax(x2, dim=-1, keepdim=True)
     min_val_neg = torch.min(min_val, torch.zeros_like(min_val))
@@ -90,11 +105,11 @@ def _qparams(x2: torch.Tensor, spec: FakeQuantSpec) -> tuple[torch.Tensor, torch
     eps = spec.eps if spec.eps is not None else torch.finfo(x2.dtype).smallest_normal
     if spec.symmetric:
         max_val_pos = torch.max(-min_val_neg, max_val_pos)
-        scale = max_val_pos / (float(spec.qmax - spec.qmin) / 2)
+        scale = max_val_pos / divisor
         zero_point = torch.full_like(scale, int((spec.qmax + spec.qmin + 1) / 2))
         scale = torch.clamp(scale, min=eps)
     else:
-        scale = (max_val_pos - min_val_neg) / float(spec.qmax - spec.qmin)
+        scale = (max_val_pos - min_val_neg) / divisor
         scale = torch.clamp(scale, min=eps)
         zero_point = spec.qmin - torch.round(min_val_neg / scale)
         zero_point = torch.clamp(zero_point, spec.qmin, spec.qmax)
@@ -111,8 +126,10 @@ def _fake_quantize(x2: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     return ((q.to(x2.dtype) - zero_point.to(x2.dtype)) * scale).to(x2.dtype)
 
 
-def _qparams_fake_quantize(x2: torch.Tensor, spec: FakeQuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    scale, zero_point = _qparams(x2, spec)
+def _qparams_fake_quantize(
+    x2: torch.Tensor, divisor: torch.Tensor, spec: FakeQuantSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale, zero_point = _qparams(x2, divisor, spec)
     return _fake_quantize(x2, scale, zero_point, spec), scale, zero_point
 
 
@@ -128,9 +145,23 @@ def _straight_through(
     return (grad * (1.0 / scale)).to(x2.dtype)
 
 
+@functools.cache
+def division_rounding_option() -> dict | None:
+    """Inductor's setting for IEEE fp32 division (Triton's div_rn, as eager CUDA divides; no effect on CPU) under the
+    name this torch knows, or None where it has none (then GPUs run the kernels eager: torchao's numerics)."""
+    from torch._inductor import config
+
+    known = set(config.get_config_copy())
+    for key in ("eager_numerics.division_rounding", "emulate_divison_rounding", "emulate_division_rounding"):
+        if key in known:
+            return {key: True}
+    return None
+
+
 class _Kernels:
     """The arithmetic eager, or compiled where that keeps torchao's values (fp32 data with fp32 scales: compiled
-    code does bf16 ops in fp32 without rounding each step). Compiled once for all shapes (dynamic=True)."""
+    code does bf16 ops in fp32 without rounding each step). Compiled once for all shapes (dynamic=True), with eager
+    division rounding: on GPUs inductor otherwise lowers fp32 division (1 / scale) to Triton's approximate one."""
 
     compile = True  # qatune.fused_fake_quant._Kernels.compile = False: eager everywhere (e.g. no C++ compiler)
     _compiled: dict = {}
@@ -138,10 +169,11 @@ class _Kernels:
     @classmethod
     def get(cls, fn, x2: torch.Tensor, spec: FakeQuantSpec):
         fp32 = x2.dtype == torch.float32 and spec.scale_dtype in (None, torch.float32)
-        if not (cls.compile and fp32):
+        exact_division = x2.device.type == "cpu" or division_rounding_option() is not None
+        if not (cls.compile and fp32 and exact_division):
             return fn
         if fn not in cls._compiled:
-            cls._compiled[fn] = torch.compile(fn, dynamic=True)
+            cls._compiled[fn] = torch.compile(fn, dynamic=True, options=division_rounding_option() or {})
         return cls._compiled[fn]
 
     @classmethod
@@ -178,7 +210,7 @@ class _SharedActivation:
     def _compute(x: torch.Tensor, spec: FakeQuantSpec, qparams: tuple | None) -> tuple:
         x2 = x.reshape(-1, x.shape[-1])
         if qparams is None:
-            return _Kernels.run(_qparams_fake_quantize, x2, spec)
+            return _Kernels.run(_qparams_fake_quantize, x2, spec, _divisor(spec, x2.device))
         return (_Kernels.run(_fake_quantize, x2, spec, *qparams), *qparams)
 
     @classmethod
@@ -212,7 +244,7 @@ def _weight_qparams(module: nn.Module, w: torch.Tensor, spec: FakeQuantSpec) -> 
     key = (_OptimizerSteps.count, w.data_ptr(), w._version, w.dtype, spec)
     cached = module.__dict__.get("_fused_weight_qparams")
     if cached is None or cached[0] != key:
-        cached = (key, _Kernels.run(_qparams, _weight_groups(w.detach(), spec), spec))
+        cached = (key, _Kernels.run(_qparams, _weight_groups(w.detach(), spec), spec, _divisor(spec, w.device)))
         module.__dict__["_fused_weight_qparams"] = cached
     return cached[1]
 
