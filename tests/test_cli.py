@@ -1,5 +1,6 @@
 """The `tune` command as a user types it: ls, cp, validate of every shipped config, run errors."""
 
+import os
 import subprocess
 import sys
 
@@ -76,3 +77,26 @@ def test_unknown_names_suggest_close_ones(capsys):
     assert "qat_recipe" in capsys.readouterr().err
     assert main(["validate", "llama3_8"]) == 2
     assert "llama3_8b" in capsys.readouterr().err
+
+
+def test_validate_says_which_checks_need_a_config_json_it_does_not_have(tmp_path):
+    """A hub id not downloaded yet: validate cannot match lora.target_modules against the model, and says so (tune
+    run refuses a bad target only after loading). Once config.json is in the HF cache, validate checks it."""
+    import json
+
+    from conftest import make_tiny_llama
+
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "QATUNE_CACHE": str(tmp_path)}
+    argv = [sys.executable, "-m", "qatune.cli", "validate", "llama3_8b_lora", "model.path=someone/tiny-llama",
+            "lora.target_modules=[no_such_proj]", f"output_dir={tmp_path / 'out'}"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = "not checked: lora.target_modules against the model's linears (model.path 'someone/tiny-llama'"
+    assert expected in proc.stdout
+    snapshot = tmp_path / "hub" / "models--someone--tiny-llama" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(make_tiny_llama().config.to_dict()))
+    (tmp_path / "hub" / "models--someone--tiny-llama" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny-llama" / "refs" / "main").write_text("abc123")
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "'no_such_proj' matches no linear layer" in proc.stderr, proc.stderr[-2000:]

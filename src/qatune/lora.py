@@ -56,7 +56,7 @@ def check_lora_config(lora: Mapping[str, Any] | None, model_path: str | None = N
         raise ConfigError(f"lora.target_modules is empty: name linear modules, e.g. [{', '.join(LLAMA_LINEARS)}]")
     from qatune.models import local_meta_model
 
-    if (model := local_meta_model(model_path)) is not None:
+    if (model := local_meta_model(model_path, "lora.target_modules against the model's linears")) is not None:
         lora_targets(model, targets)
 
 

@@ -285,12 +285,35 @@ def meta_model(config: PretrainedConfig) -> PreTrainedModel:
         return AutoModelForCausalLM.from_config(config)
 
 
-def local_meta_model(model_path: str | None) -> PreTrainedModel | None:
-    """meta_model of a local checkpoint's config.json, for checks before anything loads; None when `model_path` is
-    no local checkpoint (a hub id not downloaded yet: its checks run when the model loads)."""
-    if model_path is None or not (Path(model_path).expanduser() / "config.json").is_file():
+# Checks that needed a config.json nobody had: `tune validate` names them (tune run does them once the model loads).
+NOT_CHECKED: list[str] = []
+
+
+def _config_json(model_path: str, revision: str | None) -> Path | None:
+    """The config.json of a local checkpoint, or of a hub id already downloaded (our cache, the HF cache); no
+    network: offline the hub client retries for ~25 s, and validate must answer at once."""
+    local = Path(model_path).expanduser() / "config.json"
+    if local.is_file() or looks_local(model_path):
+        return local if local.is_file() else None
+    ours = default_download_dir(model_path, revision) / "config.json"
+    if ours.is_file():
+        return ours
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model_path, "config.json", revision=revision)
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def local_meta_model(model_path: str | None, checks: str, revision: str | None = None) -> PreTrainedModel | None:
+    """meta_model of the checkpoint's config.json (local, or a hub id already downloaded), for `checks` before
+    anything loads; None, noting `checks` in NOT_CHECKED, when there is none yet (they run when the model loads)."""
+    if model_path is None:
         return None
-    return meta_model(AutoConfig.from_pretrained(Path(model_path).expanduser()))
+    config_json = _config_json(model_path, revision)
+    if config_json is None:
+        NOT_CHECKED.append(f"{checks} (model.path {model_path!r} has no config.json here yet)")
+        return None
+    return meta_model(AutoConfig.from_pretrained(config_json.parent))
 
 
 def load_model(

@@ -238,7 +238,7 @@ def check_quantizer_fits(q: QuantScheme, model_path: str | None) -> None:
     config.json (no weights read): before anything loads. A hub id not downloaded yet is checked at prepare."""
     from qatune.models import local_meta_model
 
-    if (model := local_meta_model(model_path)) is not None:
+    if (model := local_meta_model(model_path, "quantizer.skip and embedding_group_size against the model")) is not None:
         _check_skip_patterns(model, q)
         _embeddings_to_quantize(model, q)
 
