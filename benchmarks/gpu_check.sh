@@ -7,5 +7,5 @@ PY=${PYTHON:-python3}  # the GPU machine has python3, not python
 deps=$(mktemp -d)
 for w in .gpu_deps/*.whl; do "$PY" -m zipfile -e "$w" "$deps"; done
 export PYTHONPATH="$PWD/src:$deps"
-"$PY" benchmarks/gpu_check.py --preflight
+"$PY" benchmarks/gpu_check.py --preflight "$@"
 "$PY" benchmarks/gpu_check.py --out "${OUT:-/tmp/gpu_check}" "$@"
