@@ -144,7 +144,14 @@ def test_vllm_serves_the_export_as_eager_runs_it(
     text = tiny_tokenizer(topics["function"])["input_ids"][:200]
     prompts = [tiny_tokenizer(topics[k])["input_ids"][:24] for k in ("for", "while", "if", "class")]
     with VllmServer(out, max_model_len=512, enforce_eager=True) as server:
-        served = torch.tensor(server.prompt_logprobs(text))
+        try:
+            served = torch.tensor(server.prompt_logprobs(text))
+        except RuntimeError:
+            # Seen on an AMX Xeon (2026-12-03), with this project's code of then and of before: vLLM's CPU worker
+            # dies of SIGILL in its first w4a8 forward. A crash of vLLM's own kernels on this CPU, not a wrong export.
+            if "died unexpectedly (exit code: -4)" in server.log_text():
+                pytest.skip(f"vLLM's CPU worker died of SIGILL (illegal instruction) on this CPU serving {kernel}")
+            raise
         completions = [server.complete(p, 16) for p in prompts]
         log = server.log_text()
     assert f"Using {kernel}" in log  # the int4 kernel, not a float fallback
