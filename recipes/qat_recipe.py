@@ -248,7 +248,7 @@ def main(cfg: DictConfig) -> dict:
         model.tie_weights()  # torchao's swap of a meta-device lm_head unties it from the embeddings
         return model
 
-    def evaluate(model: nn.Module) -> dict:  # every row in eval_dtype, on the device, alone there
+    def evaluate(model: nn.Module) -> dict:  # every row in eval_dtype, on the device
         e = cfg.eval
         to_dtype_(model, eval_dtype).to(device)
         result = {"dtype": model_dtype(model)}
@@ -258,9 +258,6 @@ def main(cfg: DictConfig) -> dict:
         if e.measure:
             speed = dict(prompt_len=e.prompt_len, decode_tokens=e.decode_tokens, runs=e.runs)
             result |= measure_model(model, tokenizer, **speed)
-        model.cpu()  # the next row's peak memory is its own model's (the caller frees or keeps this one in CPU memory)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         return result
 
     def fine_tune(name: str, on_step=None, loss_fn=None) -> tuple[nn.Module | None, dict]:
@@ -323,6 +320,7 @@ def main(cfg: DictConfig) -> dict:
     save_quantized(model, tokenizer, out / "int4")
     print(f"int4 checkpoint: {out / 'int4'}")
     results["qat"] = evaluate(model)
+    model.cpu()  # waits in CPU memory for the exports: each baseline row's peak is its own model's (they are freed)
     # 4. The baselines: the fine-tuned float model and its PTQ; the original model and its PTQ.
     if finetuned is not None:
         results["bf16_finetuned"] = evaluate(finetuned)
