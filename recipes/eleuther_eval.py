@@ -2,7 +2,7 @@
 
     pip install 'qatune[lm-eval]'
     tune run eleuther_eval --config eleuther_eval model.path=out/smollm2_135m/int4 tasks=[hellaswag]
-    tune run eleuther_eval --config eleuther_eval quantize=8da4w include_path=my_tasks/ tasks=[my_wikitext]
+    tune run eleuther_eval --config eleuther_eval quantize=rtn include_path=my_tasks/ tasks=[my_wikitext]
 
 The model is loaded by qatune (so torchao int4 checkpoints and PTQ work), wrapped in lm-eval's `HFLM`, and run
 through `lm_eval.simple_evaluate`. `include_path` is a folder of task YAMLs (lm-eval's format) whose tasks join the
@@ -14,14 +14,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from qatune.data import DatasetConfig
 from qatune.device import check_device, resolve_device
 from qatune.errors import ConfigError, check_at_least
 from qatune.files import atomic_write_json, check_output_dir
+from qatune.gptq import calibration_from
 from qatune.models import ModelConfig, check_model_config, load_model, load_tokenizer
-from qatune.quantization import quantize_ptq_, resolve_quantizer
+from qatune.quantization import PTQ_QUANTIZER, check_ptq_method, ptq_, resolve_quantizer
 
 
 @dataclass
@@ -32,8 +35,9 @@ class Config:
     limit: float | None = None  # documents per task: a count, or a fraction when < 1; null = all
     batch_size: int = 1
     max_length: int | None = 2048  # tokens per window; null = lm-eval's rule (the model's context)
-    quantize: str | None = None  # PTQ on the fly: null | 8da4w | 4w | 8da8w
-    group_size: int = 32
+    quantize: str | None = None  # PTQ on the fly: null | rtn | gptq, on the quantizer section's grid
+    quantizer: dict[str, Any] = field(default_factory=lambda: dict(PTQ_QUANTIZER))  # qat_recipe's section
+    calibration_dataset: DatasetConfig = field(default_factory=DatasetConfig)  # GPTQ's calibration text
     device: str = "auto"
     output_dir: str = "out/eleuther_eval"
 
@@ -52,8 +56,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"limit={cfg.limit} must be positive (a count of documents, or a fraction < 1), or null")
     if cfg.max_length is not None and cfg.max_length < 2:
         raise ConfigError(f"max_length={cfg.max_length} must be at least 2 tokens, or null")
-    if cfg.quantize is not None:
-        resolve_quantizer({"scheme": cfg.quantize, "group_size": cfg.group_size})
+    check_ptq_method(cfg.quantize)
+    resolve_quantizer(cfg.quantizer)
 
 
 def find_tasks(task_names: list[str], include_path: str | None):
@@ -99,7 +103,9 @@ def main(cfg: DictConfig) -> dict:
     if cfg.max_length is not None and cfg.max_length > context:
         raise ConfigError(f"max_length={cfg.max_length} exceeds the model's context of {context} positions")
     if cfg.quantize is not None:
-        quantize_ptq_(model, resolve_quantizer({"scheme": cfg.quantize, "group_size": cfg.group_size}))
+        q = resolve_quantizer(cfg.quantizer)
+        ids = calibration_from(cfg.calibration_dataset, tokenizer, q.gptq) if cfg.quantize == "gptq" else None
+        ptq_(model, q, cfg.quantize, ids)
     model.eval()
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=cfg.max_length, batch_size=cfg.batch_size)
@@ -114,7 +120,7 @@ def main(cfg: DictConfig) -> dict:
         "model": cfg.model.path,
         "dtype": cfg.model.dtype,
         "quantize": cfg.quantize,
-        "group_size": cfg.group_size if cfg.quantize else None,
+        "quantizer": OmegaConf.to_container(cfg.quantizer) if cfg.quantize else None,
         "max_length": lm.max_length,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

@@ -3,23 +3,28 @@
     tune run export --config export model.path=out/int4 format=gguf        # -> out/model-q4_0.gguf
     tune run export --config export model.path=out/int4 format=executorch  # -> out/model-8da4w.pte
     tune run export --config export model.path=out/int4 format=vllm        # -> out/vllm (compressed-tensors)
-    tune run export --config export model.path=HuggingFaceTB/SmolLM2-135M-Instruct quantize=8da4w format=gguf
+    tune run export --config export model.path=HuggingFaceTB/SmolLM2-135M-Instruct quantize=gptq format=vllm
 
 `model.path` is the int4 directory qat_recipe writes (`output_dir/int4`). A float checkpoint is refused unless
-`quantize=` asks for post-training quantization on the fly (which throws away what QAT would have bought).
+`quantize=rtn | gptq` asks for post-training quantization on the fly (which throws away what QAT would have bought),
+on the `quantizer:` section's grid by the same rule as qat_recipe's PTQ rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
+from qatune.data import DatasetConfig, check_dataset_config
 from qatune.errors import ConfigError
 from qatune.export import check_export_formats, export_model, quantized_scheme
 from qatune.files import check_output_dir
+from qatune.gptq import calibration_from
 from qatune.models import ModelConfig, check_model_config, load_model, load_tokenizer
+from qatune.quantization import PTQ_QUANTIZER, check_ptq_method, ptq_, resolve_quantizer
 
 
 @dataclass
@@ -30,8 +35,9 @@ class Config:
     embeddings: str = "f16"  # gguf: f16 | q8_0 | f32 for the token embedding (and any float linear)
     max_seq_len: int = 2048  # executorch: KV-cache length, prompt + generated tokens
     vllm_scheme: str = "w4a16"  # vllm: w4a16 | w4a8 (8da4w only: int8 dynamic activations)
-    quantize: str | None = None  # PTQ a float checkpoint on the fly: null | 8da4w | 4w
-    group_size: int = 32
+    quantize: str | None = None  # PTQ a float checkpoint on the fly: null | rtn | gptq
+    quantizer: dict[str, Any] = field(default_factory=lambda: dict(PTQ_QUANTIZER))  # qat_recipe's section
+    calibration_dataset: DatasetConfig = field(default_factory=DatasetConfig)  # GPTQ's calibration text
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -39,11 +45,12 @@ def check_config(cfg: DictConfig) -> None:
     check_model_config(cfg.model)
     if cfg.output_dir:
         check_output_dir(cfg.output_dir)
-    if cfg.quantize is not None:
-        from qatune.quantization import resolve_quantizer
-
-        resolve_quantizer({"scheme": cfg.quantize, "group_size": cfg.group_size})
-    check_export_formats([cfg.format], cfg.embeddings, cfg.quantize, cfg.group_size, cfg.vllm_scheme)
+    check_ptq_method(cfg.quantize)
+    q = resolve_quantizer(cfg.quantizer)
+    if cfg.quantize == "gptq":
+        check_dataset_config(cfg.calibration_dataset, "calibration_dataset")
+    scheme, group_size = (q.scheme, q.group_size) if cfg.quantize else (None, None)  # a saved dir's: once loaded
+    check_export_formats([cfg.format], cfg.embeddings, scheme, group_size, cfg.vllm_scheme)
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -61,13 +68,13 @@ def main(cfg: DictConfig) -> Path:
         if cfg.quantize:
             raise ConfigError(f"{cfg.model.path} is already quantized; drop quantize={cfg.quantize}")
     elif cfg.quantize:
-        from qatune.quantization import quantize_ptq_, resolve_quantizer
-
-        quantize_ptq_(model, resolve_quantizer({"scheme": cfg.quantize, "group_size": cfg.group_size}))
+        q = resolve_quantizer(cfg.quantizer)
+        ids = calibration_from(cfg.calibration_dataset, tokenizer, q.gptq) if cfg.quantize == "gptq" else None
+        ptq_(model, q, cfg.quantize, ids)
     else:
         raise ConfigError(
             f"{cfg.model.path} is a float checkpoint, not an int4 one: run `tune run qat_recipe` first and export "
-            "its output_dir/int4, or pass quantize=8da4w to quantize it now (PTQ)"
+            "its output_dir/int4, or pass quantize=rtn (or gptq) to quantize it now (PTQ)"
         )
 
     path = export_model(

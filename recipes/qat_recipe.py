@@ -1,15 +1,15 @@
-"""Quantization-aware fine-tuning to int4, compared side by side with the float model and plain PTQ.
+"""Quantization-aware fine-tuning to int4, compared side by side with the float model, RTN and GPTQ.
 
     tune run qat_recipe --config smollm2_135m                 # any CPU, offline, minutes
     tune run --nproc_per_node 8 qat_recipe --config llama3_8b   # GPUs (one GPU: --config llama3_8b_lora)
 
-Flow: load (fp32 master weights) -> insert fake quantization -> fine-tune (every process) -> convert to real int4
--> save `output_dir/int4` (a Hugging Face + torchao checkpoint) -> evaluate it beside the float baseline and its
-plain PTQ -> the report (report.json/.md/.png) -> optionally export the same int4 codes for llama.cpp (GGUF),
-ExecuTorch and vLLM (`export.formats`). With `compare.finetune_baseline=true` the same fine-tuning also runs
-without fake quantization and is then PTQ'd: the fair comparison (what QAT buys over "fine-tune, then quantize").
-With several processes, training ends with the gather of the weights on the main process; the others exit then
-and the main process evaluates alone on its device (nobody waits at a barrier through hours of evaluation).
+Flow (main, at the bottom): setup -> [float fine-tune: the fair baseline, and QAT's start with qat.start=finetuned,
+saved as output_dir/bf16_finetuned/model] -> QAT: fake quantization inserted, fine-tuned by every process (from
+qat.start, optionally GPTQ-initialised, optionally distilled from a frozen float teacher) -> convert to real int4
+-> save output_dir/int4 (Hugging Face + torchao) -> evaluate it beside the float models and their PTQ (RTN, and
+GPTQ with compare.gptq) -> the report (report.json/.md/.png) -> optionally export the same int4 codes for llama.cpp
+(GGUF), ExecuTorch and vLLM (`export.formats`). With several processes, training ends with the gather of the
+weights on the main process; the others exit then and the main process evaluates alone on its device.
 """
 
 from __future__ import annotations
@@ -26,16 +26,25 @@ from transformers import AutoModelForCausalLM
 
 from qatune.data import DatasetConfig, build_dataset, check_dataset_config, load_texts
 from qatune.device import check_device, resolve_device
+from qatune.distillation import (
+    DistillationConfig,
+    distillation_config,
+    freeze_teacher,
+    self_distillation_loss,
+    teacher_distillation_loss,
+)
 from qatune.errors import ConfigError, check_at_least
 from qatune.evaluation import check_eval_args, perplexity, text_windows
 from qatune.export import check_export_formats, export_model
-from qatune.files import check_output_dir, check_previous_run, remove_previous_run
+from qatune.files import atomic_dir, check_output_dir, check_previous_run, remove_previous_run
 from qatune.fsdp import load_sharded
+from qatune.gptq import calibration_ids, gptq_
 from qatune.lora import LoraConfig, add_lora_, check_lora_config, merge_lora_, save_adapter
 from qatune.measure import check_measure_args, measure_model, model_size, speed_prompt
 from qatune.models import (
     ModelConfig,
     check_model_config,
+    check_model_path,
     load_model,
     load_tokenizer,
     model_dtype,
@@ -44,14 +53,14 @@ from qatune.models import (
 )
 from qatune.planner import check_plan_fits
 from qatune.quantization import (
+    QuantScheme,
     check_quantizer_fits,
     convert_to_int4,
     enable_fake_quant,
     fake_quantize_,
-    quantize_ptq_,
+    ptq_,
     resolve_quantizer,
     save_quantized,
-    self_distillation_loss,
 )
 from qatune.report import format_table, headline, recovery, write_report
 from qatune.runtimes import RUNTIME_MODULES, measure_runtime, runtime_installed
@@ -85,6 +94,18 @@ class EvalConfig:
 class CompareConfig:
     baseline: bool = True  # evaluate the original float model and its PTQ
     finetune_baseline: bool = False  # also fine-tune without fake quant, then PTQ it (the fair comparison)
+    gptq: bool = False  # GPTQ rows beside the RTN ones (gptq, gptq_finetuned), calibrated as quantizer.gptq says
+
+
+@dataclass
+class QATPhase:
+    """Where QAT starts and how long it runs. Null values take the float run's (max_steps, optimizer.lr, warm-up)."""
+
+    start: str = "original"  # original (model.path) | finetuned (the float fine-tune, then QAT) | <checkpoint path>
+    init: str = "rtn"  # rtn: fake quant of the float weights as they are | gptq: GPTQ-rounded first (quantizer.gptq)
+    max_steps: int | None = None  # QAT's optimizer steps
+    lr: float | None = None  # QAT's peak learning rate (a restart: the schedule runs again from its warm-up)
+    warmup_steps: int | None = None  # lr_scheduler.num_warmup_steps of QAT's schedule
 
 
 @dataclass
@@ -115,6 +136,8 @@ class Config(TrainConfig):
     lr_scheduler: dict[str, Any] | None = None  # e.g. transformers.get_cosine_schedule_with_warmup
     quantizer: dict[str, Any] = field(default_factory=lambda: {"scheme": "8da4w", "group_size": 32})
     self_distillation: float = 0.0  # QAT loss = (1-w) CE + w KL(float || fake-quantized), same weights; 0 = off
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)  # weight 0: off
+    qat: QATPhase = field(default_factory=QATPhase)
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -149,11 +172,36 @@ def check_config(cfg: DictConfig) -> None:
     check_export_formats(list(e.formats), e.embeddings, q.scheme, q.group_size, e.vllm_scheme)
     if not 0 <= cfg.self_distillation <= 1:
         raise ConfigError(f"self_distillation={cfg.self_distillation}: choose a weight in [0, 1] (0 = off)")
+    check_qat_phase(cfg)
+
+
+def check_qat_phase(cfg: DictConfig) -> None:
+    """qat: and distillation: (no weights needed)."""
+    p = cfg.qat
+    if p.start not in ("original", "finetuned"):
+        check_model_path(p.start, "qat.start")
+    if p.init not in ("rtn", "gptq"):
+        raise ConfigError(f"qat.init={p.init!r}: choose rtn (the float weights as they are) or gptq")
+    for key, least in (("max_steps", 1), ("warmup_steps", 0)):
+        if p[key] is not None:
+            check_at_least(f"qat.{key}", p[key], least)
+    if p.lr is not None and not p.lr > 0:
+        raise ConfigError(f"qat.lr={p.lr!r}: choose a learning rate > 0 (null: optimizer.lr)")
+    if (d := distillation_config(cfg.distillation)) is None:
+        return
+    if cfg.self_distillation:
+        raise ConfigError("distillation and self_distillation both set: choose one teacher (self_distillation=0)")
+    if d.teacher not in ("original", "finetuned"):
+        check_model_path(d.teacher, "distillation.teacher")
+    if cfg.distributed.strategy == "fsdp2":
+        raise ConfigError("distillation with distributed.strategy=fsdp2: not supported yet (the teacher is not "
+                          "sharded); use distributed.strategy=ddp or QAT + LoRA")  # fmt: skip
 
 
 # What defines a training run: resume=true refuses a checkpoint saved with other values of these
 # (resume_allow_changes names the ones to change on purpose). max_steps, logging, eval and export may change.
-RUN_IDENTITY_KEYS = ("model.path", "model.revision", "quantizer", "lora", "self_distillation", "batch_size",
+RUN_IDENTITY_KEYS = ("model.path", "model.revision", "quantizer", "lora", "self_distillation", "distillation", "qat",
+                     "batch_size",
                      "gradient_accumulation_steps", "world_size", "distributed.strategy", "seq_len", "dataset",
                      "seed", "optimizer", "lr_scheduler", "clip_grad_norm", "epochs")  # fmt: skip
 
@@ -166,6 +214,8 @@ def run_identity(cfg: DictConfig, world_size: int, run: str) -> dict[str, Any]:
         "model.revision": cfg.model.revision,
         "quantizer": OmegaConf.to_container(cfg.quantizer, resolve=True) if run == "qat" else None,
         "self_distillation": cfg.self_distillation if run == "qat" else 0.0,
+        "distillation": OmegaConf.to_container(cfg.distillation) if run == "qat" else None,
+        "qat": OmegaConf.to_container(cfg.qat) if run == "qat" else None,
         "world_size": world_size,
     }
     for key in RUN_IDENTITY_KEYS:
@@ -173,6 +223,232 @@ def run_identity(cfg: DictConfig, world_size: int, run: str) -> dict[str, Any]:
             value = OmegaConf.select(cfg, key)
             values[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     return values
+
+
+@dataclass
+class Run:
+    """What every step of the recipe reads: the config, where it runs, the data."""
+
+    cfg: DictConfig
+    q: QuantScheme
+    device: torch.device
+    eval_dtype: torch.dtype  # what every row of the report is evaluated in
+    accelerator: Any
+    out: Path
+    sharded: bool  # FSDP2 on several processes
+    tokenizer: Any = None
+    train_data: Any = None
+    eval_texts: list[str] = field(default_factory=list)
+    val_data: Any = None  # validation loss during training (eval_every_n_steps)
+    calibration: torch.Tensor | None = None  # GPTQ's calibration ids, built on first use
+
+    @property
+    def main_process(self) -> bool:  # evaluates, saves and prints; every process trains
+        return self.accelerator.is_main_process
+
+
+def setup(cfg: DictConfig) -> Run:
+    device = resolve_device(cfg.device)
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(
+        device, cfg.gradient_accumulation_steps, str(out), list(cfg.trackers), strategy=cfg.distributed.strategy,
+        mixed_precision=cfg.mixed_precision, timeout_minutes=cfg.distributed.timeout_minutes,
+    )  # fmt: skip
+    if device.type == "cuda":  # a plan past the GPU's memory is refused before anything loads (tune estimate)
+        check_plan_fits(cfg, accelerator.num_processes, torch.cuda.get_device_properties(device).total_memory)
+    run = Run(cfg, resolve_quantizer(cfg.quantizer), device, resolve_dtype(cfg.model.dtype, device), accelerator, out,
+              uses_fsdp2(cfg.distributed.strategy, accelerator.num_processes))  # fmt: skip
+    if cfg.overwrite and run.main_process:
+        remove_previous_run(out, RUN_FILES)
+    accelerator.wait_for_everyone()
+    for name in training_runs(cfg) if cfg.resume else []:  # before anything loads: refuse another run's checkpoint
+        if (ckpt := latest_checkpoint(out / name)) is not None:
+            check_resume(ckpt, run_identity(cfg, accelerator.num_processes, name), cfg.resume_allow_changes)
+
+    def load_data() -> tuple:
+        tokenizer = load_tokenizer(cfg.model.path, revision=cfg.model.revision)
+        val = build_dataset(cfg.eval_dataset, tokenizer, cfg.seq_len) if cfg.eval_every_n_steps else None
+        return tokenizer, build_dataset(cfg.dataset, tokenizer, cfg.seq_len), load_texts(cfg.eval_dataset), val
+
+    run.tokenizer, run.train_data, run.eval_texts, run.val_data = main_process_first(accelerator, load_data)
+    return run
+
+
+def training_runs(cfg: DictConfig) -> list[str]:
+    """bf16_finetuned (the float fine-tune) when the report, QAT's start or the teacher needs it; then qat."""
+    d = distillation_config(cfg.distillation)
+    teacher = d.teacher if d is not None else None
+    float_run = cfg.compare.finetune_baseline or cfg.qat.start == "finetuned" or teacher == "finetuned"
+    return ["bf16_finetuned", "qat"] if float_run else ["qat"]
+
+
+def finetuned_path(run: Run) -> Path:
+    return run.out / "bf16_finetuned" / "model"  # the float fine-tune, a Hugging Face checkpoint (fp32)
+
+
+def model_path(run: Run, which: str) -> str:
+    """original | finetuned | a checkpoint path -> the path to load."""
+    return {"original": run.cfg.model.path, "finetuned": str(finetuned_path(run))}.get(which, which)
+
+
+def gptq_calibration(run: Run) -> torch.Tensor:
+    """The first quantizer.gptq.samples sequences of the training data, quantizer.gptq.seq_len tokens each."""
+    if run.calibration is None:
+        data = build_dataset(run.cfg.dataset, run.tokenizer, run.q.gptq.seq_len)
+        run.calibration = calibration_ids(data, run.q.gptq.samples)
+    return run.calibration
+
+
+def load_for_training(run: Run, name: str) -> nn.Module:
+    """fp32 master weights (LoRA: the frozen base in model.dtype); QAT: from qat.start, fake-quantized."""
+    cfg = run.cfg
+    where = "cpu" if run.sharded else run.device  # FSDP2: rank 0 reads it into CPU memory and sends the shards
+    path = model_path(run, cfg.qat.start if name == "qat" else "original")
+    model = load_model(path, dtype=cfg.model.dtype if cfg.lora else "float32", device=where,
+                       revision=cfg.model.revision if path == cfg.model.path else None)  # fmt: skip
+    if name == "qat":
+        if cfg.qat.init == "gptq":  # start QAT from the best PTQ: the weights GPTQ rounded, still float
+            gptq_(model, run.q, gptq_calibration(run).to(where))
+        fake_quantize_(model, run.q)
+    torch.manual_seed(cfg.seed)  # the adapters' initial A: a function of `seed`, not of what ran before
+    return add_lora_(model, cfg.lora) if cfg.lora else model  # after fake quant: it quantizes W + s B A
+
+
+def skeleton(run: Run, config, name: str) -> nn.Module:
+    """The same architecture without trained weights (FSDP2 builds it on the meta device)."""
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if name == "qat":
+        fake_quantize_(model, run.q)
+    model.tie_weights()  # torchao's swap of a meta-device lm_head unties it from the embeddings
+    return model
+
+
+def load_teacher(run: Run) -> nn.Module | None:
+    """The frozen float teacher of `distillation:` in model.dtype on this process's device, or None."""
+    if (d := distillation_config(run.cfg.distillation)) is None:
+        return None
+    path = model_path(run, d.teacher)
+    return freeze_teacher(load_model(path, dtype=run.cfg.model.dtype, device=run.accelerator.device))
+
+
+def qat_loss(run: Run, teacher: nn.Module | None):
+    """The QAT run's loss: KL to the teacher (+ CE), self-distillation, or None for the plain next-token loss."""
+    if teacher is not None:
+        d = distillation_config(run.cfg.distillation)
+        return lambda model, batch: teacher_distillation_loss(model, teacher, batch, d)
+    if run.cfg.self_distillation:
+        return lambda model, batch: self_distillation_loss(model, batch, run.cfg.self_distillation)
+    return None
+
+
+def schedule(run: Run, name: str) -> tuple[TrainConfig, dict, dict | None]:
+    """TrainConfig, optimizer and lr_scheduler sections of a run: QAT's with qat.max_steps, lr and warm-up."""
+    cfg = run.cfg
+    train_cfg = TrainConfig(**{k: cfg[k] for k in TrainConfig.__dataclass_fields__})
+    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    scheduler = OmegaConf.to_container(cfg.lr_scheduler, resolve=True) if cfg.lr_scheduler else None
+    if name == "qat":
+        p = cfg.qat
+        train_cfg.max_steps = p.max_steps if p.max_steps is not None else train_cfg.max_steps
+        optimizer["lr"] = p.lr if p.lr is not None else optimizer["lr"]
+        if scheduler is not None and p.warmup_steps is not None:
+            scheduler["num_warmup_steps"] = p.warmup_steps
+    return train_cfg, optimizer, scheduler
+
+
+def fine_tune(run: Run, name: str, on_step=None, loss_fn=None) -> tuple[nn.Module | None, dict]:
+    """Train run `name` (bf16_finetuned: float; qat: fake-quantized) on every process; LoRA is merged after."""
+    cfg, accelerator = run.cfg, run.accelerator
+    if run.sharded:
+        model = load_sharded(lambda: load_for_training(run, name), lambda c: skeleton(run, c, name), accelerator.device)
+    else:
+        model = main_process_first(accelerator, lambda: load_for_training(run, name))  # a download happens once
+    config = model.config
+
+    def rebuild(state: dict) -> nn.Module:  # FSDP2 only: the whole model on rank 0 from gathered weights
+        fresh = skeleton(run, config, name)
+        fresh.load_state_dict(state)
+        return fresh.to(run.device)
+
+    train_cfg, optimizer, scheduler = schedule(run, name)
+    model, result = train(
+        model, run.train_data, cfg=train_cfg, optimizer_cfg=optimizer, scheduler_cfg=scheduler,
+        accelerator=accelerator, output_dir=run.out / name, seed=cfg.seed, on_step=on_step, run_name=name,
+        rebuild=rebuild, eval_dataset=run.val_data, loss_fn=loss_fn,
+        run_identity=run_identity(cfg, accelerator.num_processes, name),
+    )  # fmt: skip
+    if cfg.lora and model is not None:
+        if name == "qat" and run.main_process:  # the float adapters alone, for peft users (one writer under DDP)
+            print(f"adapter (peft format): {save_adapter(model, run.out / 'adapter', cfg.lora, cfg.model.path)}")
+        merge_lora_(model)  # the weight the fake quantizer saw, written back: convert gives its int4 codes
+    return model, {k: v for k, v in vars(result).items() if k != "losses"}
+
+
+def fine_tune_float(run: Run) -> dict:
+    """The float fine-tune (the fair baseline), saved for the rows, QAT's start and the teacher; then freed."""
+    model, training = fine_tune(run, "bf16_finetuned")
+    if run.main_process:
+        with atomic_dir(finetuned_path(run)) as tmp:
+            model.save_pretrained(tmp)
+            run.tokenizer.save_pretrained(tmp)
+    del model
+    run.accelerator.wait_for_everyone()  # every process may read it next (qat.start, the teacher)
+    return training
+
+
+def fine_tune_qat(run: Run) -> tuple[nn.Module | None, dict]:
+    """QAT: fake quantization in every linear not in quantizer.skip, from qat.start, with the configured loss."""
+    q = run.q
+
+    def delayed_fake_quant(model: nn.Module, step: int) -> None:
+        # Float fine-tuning for the first N steps, fake quant from then on (also right after a resume).
+        enable_fake_quant(model, step >= q.fake_quant_after_n_steps)
+
+    teacher = load_teacher(run)
+    model, training = fine_tune(run, "qat", delayed_fake_quant if q.fake_quant_after_n_steps else None,
+                                qat_loss(run, teacher))  # fmt: skip
+    del teacher
+    return model, training
+
+
+def evaluate(run: Run, model: nn.Module) -> dict:
+    """Perplexity (and with eval.measure size, memory, speed) of one row, in eval_dtype, on the device."""
+    e = run.cfg.eval
+    to_dtype_(model, run.eval_dtype).to(run.device)
+    result = {"dtype": model_dtype(model)}
+    result |= perplexity(
+        model, run.tokenizer, run.eval_texts, seq_len=e.seq_len, protocol=e.protocol, batch_size=e.batch_size
+    )
+    if e.measure:
+        speed = dict(prompt_len=e.prompt_len, decode_tokens=e.decode_tokens, runs=e.runs)
+        result |= measure_model(model, run.tokenizer, **speed)
+    return result
+
+
+def convert_and_save(run: Run, model: nn.Module) -> nn.Module:
+    """Real int4 from the fp32 master weights (the trained codes), in eval_dtype like every other row (scales and
+    float parts; bf16 on CUDA), saved as output_dir/int4 before any long evaluation."""
+    to_dtype_(convert_to_int4(enable_fake_quant(model, True), run.q), run.eval_dtype)
+    save_quantized(model, run.tokenizer, run.out / "int4")
+    print(f"int4 checkpoint: {run.out / 'int4'}")
+    return model
+
+
+def baselines(run: Run, finetuned: bool) -> dict:
+    """The float models and their PTQ: bf16_finetuned, ptq_finetuned (RTN), gptq_finetuned; bf16, ptq, gptq. Each
+    loaded in model.dtype, evaluated, freed: a row's peak memory is its own model's."""
+    cfg, results = run.cfg, {}
+    methods = ["rtn", "gptq"] if cfg.compare.gptq else ["rtn"]
+    names = {"rtn": "ptq", "gptq": "gptq"}
+    models = ([("finetuned", "_finetuned")] if finetuned else []) + ([("original", "")] if cfg.compare.baseline else [])
+    for which, suffix in models:
+        path = model_path(run, which)
+        results[f"bf16{suffix}"] = evaluate(run, load_model(path, dtype=cfg.model.dtype, device=run.device))
+        for method in methods:
+            calibration = gptq_calibration(run) if method == "gptq" else None
+            model = load_model(path, dtype=cfg.model.dtype, device=run.device)
+            results[f"{names[method]}{suffix}"] = evaluate(run, ptq_(model, run.q, method, calibration))
+    return results
 
 
 def served_results(exported: dict[str, Path], tokenizer, eval_texts: list[str], e: DictConfig) -> dict:
@@ -199,153 +475,48 @@ def served_results(exported: dict[str, Path], tokenizer, eval_texts: list[str], 
     return results
 
 
-def main(cfg: DictConfig) -> dict:
-    device = resolve_device(cfg.device)
-    eval_dtype = resolve_dtype(cfg.model.dtype, device)  # what every row of the report is evaluated in
-    q = resolve_quantizer(cfg.quantizer)
-    out = Path(cfg.output_dir)
-    accelerator = make_accelerator(
-        device, cfg.gradient_accumulation_steps, str(out), list(cfg.trackers), strategy=cfg.distributed.strategy,
-        mixed_precision=cfg.mixed_precision, timeout_minutes=cfg.distributed.timeout_minutes,
-    )  # fmt: skip
-    if device.type == "cuda":  # a plan past the GPU's memory is refused before anything loads (tune estimate)
-        check_plan_fits(cfg, accelerator.num_processes, torch.cuda.get_device_properties(device).total_memory)
-    main_process = accelerator.is_main_process  # evaluates, saves and prints; every process trains
-    sharded = uses_fsdp2(cfg.distributed.strategy, accelerator.num_processes)
-    if cfg.overwrite and main_process:
-        remove_previous_run(out, RUN_FILES)
-    accelerator.wait_for_everyone()
-    runs = ["bf16_finetuned", "qat"] if cfg.compare.finetune_baseline else ["qat"]
-    for name in runs if cfg.resume else []:  # before anything loads: a checkpoint of another run is refused now
-        if (ckpt := latest_checkpoint(out / name)) is not None:
-            check_resume(ckpt, run_identity(cfg, accelerator.num_processes, name), cfg.resume_allow_changes)
-
-    def load_data() -> tuple:
-        tokenizer = load_tokenizer(cfg.model.path, revision=cfg.model.revision)
-        # Validation loss during training (eval_every_n_steps): the held-out split packed like the training data.
-        val_data = build_dataset(cfg.eval_dataset, tokenizer, cfg.seq_len) if cfg.eval_every_n_steps else None
-        return tokenizer, build_dataset(cfg.dataset, tokenizer, cfg.seq_len), load_texts(cfg.eval_dataset), val_data
-
-    tokenizer, train_data, eval_texts, val_data = main_process_first(accelerator, load_data)
-    train_cfg = TrainConfig(**{k: cfg[k] for k in TrainConfig.__dataclass_fields__})
-
-    def load() -> nn.Module:  # for evaluation, in model.dtype
-        return load_model(cfg.model.path, dtype=cfg.model.dtype, device=device, revision=cfg.model.revision)
-
-    def load_for_training(name: str) -> nn.Module:  # fp32 master weights, fake-quantized for QAT
-        where = "cpu" if sharded else device  # FSDP2: rank 0 reads it into CPU memory and sends each rank its shards
-        dtype = cfg.model.dtype if cfg.lora else "float32"  # LoRA: the frozen base in the model's dtype
-        model = load_model(cfg.model.path, dtype=dtype, device=where, revision=cfg.model.revision)
-        if name == "qat":
-            fake_quantize_(model, q)
-        torch.manual_seed(cfg.seed)  # the adapters' initial A: a function of `seed`, not of what ran before
-        return add_lora_(model, cfg.lora) if cfg.lora else model  # after fake quant: it quantizes W + s B A
-
-    def skeleton(config, name: str) -> nn.Module:  # the same architecture without trained weights
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        if name == "qat":
-            fake_quantize_(model, q)
-        model.tie_weights()  # torchao's swap of a meta-device lm_head unties it from the embeddings
-        return model
-
-    def evaluate(model: nn.Module) -> dict:  # every row in eval_dtype, on the device
-        e = cfg.eval
-        to_dtype_(model, eval_dtype).to(device)
-        result = {"dtype": model_dtype(model)}
-        result |= perplexity(
-            model, tokenizer, eval_texts, seq_len=e.seq_len, protocol=e.protocol, batch_size=e.batch_size
-        )
-        if e.measure:
-            speed = dict(prompt_len=e.prompt_len, decode_tokens=e.decode_tokens, runs=e.runs)
-            result |= measure_model(model, tokenizer, **speed)
-        return result
-
-    def fine_tune(name: str, on_step=None, loss_fn=None) -> tuple[nn.Module | None, dict]:
-        if sharded:
-            model = load_sharded(lambda: load_for_training(name), lambda c: skeleton(c, name), accelerator.device)
-        else:
-            model = main_process_first(accelerator, lambda: load_for_training(name))  # a download happens once
-
-        def rebuild(state: dict) -> nn.Module:  # FSDP2 only: the whole model on rank 0 from gathered weights
-            fresh = skeleton(config, name)
-            fresh.load_state_dict(state)
-            return fresh.to(device)
-
-        config = model.config
-        model, run = train(
-            model, train_data, cfg=train_cfg, optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.lr_scheduler,
-            accelerator=accelerator, output_dir=out / name, seed=cfg.seed, on_step=on_step, run_name=name,
-            rebuild=rebuild, eval_dataset=val_data, loss_fn=loss_fn,
-            run_identity=run_identity(cfg, accelerator.num_processes, name),
-        )  # fmt: skip
-        if cfg.lora and model is not None:
-            if name == "qat" and main_process:  # the float adapters alone, for peft users (one writer under DDP)
-                print(f"adapter (peft format): {save_adapter(model, out / 'adapter', cfg.lora, cfg.model.path)}")
-            merge_lora_(model)  # the weight the fake quantizer saw, written back: convert gives its int4 codes
-        return model, {k: v for k, v in vars(run).items() if k != "losses"}
-
-    results, training = {}, {}
-    start = time.perf_counter()
-    # 1. Optional fair baseline: the same fine-tuning without fake quantization (evaluated, then PTQ'd, in 4.).
-    finetuned = None
-    if cfg.compare.finetune_baseline:
-        finetuned, training["bf16_finetuned"] = fine_tune("bf16_finetuned")
-        finetuned = finetuned.cpu() if main_process else None  # waits in CPU memory while QAT trains
-
-    # 2. QAT: fake quantization in every linear layer not in quantizer.skip, fine-tuned by every process.
-    def delayed_fake_quant(model: nn.Module, step: int) -> None:
-        # Float fine-tuning for the first N steps, fake quant from then on (also right after a resume).
-        enable_fake_quant(model, step >= q.fake_quant_after_n_steps)
-
-    def distilled(model: nn.Module, batch: dict) -> torch.Tensor:
-        return self_distillation_loss(model, batch, cfg.self_distillation)
-
-    model, training["qat"] = fine_tune(
-        "qat", delayed_fake_quant if q.fake_quant_after_n_steps else None, distilled if cfg.self_distillation else None
-    )  # fmt: skip
-    report = {
-        "model": {"path": cfg.model.path},
-        "eval_dtype": str(eval_dtype).removeprefix("torch."),  # every row's, QAT's included (`dtype` in each row)
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "results": results,
-        "training": training["qat"],
-        "training_runs": training,
-    }
-    if not main_process:
-        return report  # this rank's work ended with the gather of the trained weights
-
-    # 3. Convert to real int4 (from the fp32 master weights: the trained codes), in eval_dtype like every other row
-    # (scales and float parts; bf16 on CUDA), and save the checkpoint before any long evaluation, then evaluate it.
-    to_dtype_(convert_to_int4(enable_fake_quant(model, True), q), eval_dtype)
-    save_quantized(model, tokenizer, out / "int4")
-    print(f"int4 checkpoint: {out / 'int4'}")
-    results["qat"] = evaluate(model)
-    model.cpu()  # waits in CPU memory for the exports: each baseline row's peak is its own model's (they are freed)
-    # 4. The baselines: the fine-tuned float model and its PTQ; the original model and its PTQ.
-    if finetuned is not None:
-        results["bf16_finetuned"] = evaluate(finetuned)
-        results["ptq_finetuned"] = evaluate(quantize_ptq_(finetuned, q))
-        del finetuned
-    if cfg.compare.baseline:
-        original = load()
-        results["bf16"] = evaluate(original)
-        results["ptq"] = evaluate(quantize_ptq_(original, q))
-        del original
-    report |= {"recovery": recovery(results), "wall_s": time.perf_counter() - start}
-    write_report(report, out)
-    print(format_table(results))
-    print(headline(results).replace("**", ""))
-    print(f"report: {out / 'report.md'}")
-    # 5. The same int4 codes for the runtimes asked for, and the model as each installed runtime serves it.
-    e, exported = cfg.export, {}
+def export_and_serve(run: Run, model: nn.Module, report: dict) -> None:
+    """The same int4 codes for the runtimes asked for (export.formats), and the model as each installed runtime
+    serves it (extra rows in the report)."""
+    e, exported = run.cfg.export, {}
     for fmt in [f for f in dict.fromkeys(e.formats) if f != "hf"]:
         exported[fmt] = export_model(
-            model.cpu(), tokenizer, fmt, out,
+            model.cpu(), run.tokenizer, fmt, run.out,
             embeddings=e.embeddings, max_seq_len=e.max_seq_len, vllm_scheme=e.vllm_scheme,
         )  # fmt: skip
         print(f"{fmt}: {exported[fmt]}")
-    if cfg.eval.measure and (served := served_results(exported, tokenizer, eval_texts, cfg.eval)):
-        results |= served
-        write_report(report, out)
-        print(format_table(results))
+    if run.cfg.eval.measure and (served := served_results(exported, run.tokenizer, run.eval_texts, run.cfg.eval)):
+        report["results"] |= served
+        write_report(report, run.out)
+        print(format_table(report["results"]))
+
+
+def main(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
+    run = setup(cfg)
+    training = {}
+    if "bf16_finetuned" in training_runs(cfg):
+        training["bf16_finetuned"] = fine_tune_float(run)
+    model, training["qat"] = fine_tune_qat(run)
+    report = {
+        "model": {"path": cfg.model.path},
+        "eval_dtype": str(run.eval_dtype).removeprefix("torch."),  # every row's, QAT's included (`dtype` per row)
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "results": {},
+        "training": training["qat"],
+        "training_runs": training,
+    }
+    if not run.main_process:
+        return report  # this rank's work ended with the gather of the trained weights
+    results = report["results"]
+    results["qat"] = evaluate(run, convert_and_save(run, model))
+    model.cpu()  # waits in CPU memory for the exports
+    results |= baselines(run, finetuned="bf16_finetuned" in training and cfg.compare.finetune_baseline)
+    report |= {"recovery": recovery(results), "recovery_vs_gptq": recovery(results, "gptq_finetuned"),
+               "wall_s": time.perf_counter() - start}  # fmt: skip
+    write_report(report, run.out)
+    print(format_table(results))
+    print(headline(results).replace("**", ""))
+    print(f"report: {run.out / 'report.md'}")
+    export_and_serve(run, model, report)
     return report

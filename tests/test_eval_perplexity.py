@@ -17,7 +17,7 @@ def test_float_ptq_and_saved_int4_side_by_side(tiny_checkpoint, tmp_path, capsys
     out = tmp_path / "eval"
     overrides = [
         f"model.path={tiny_checkpoint}", f"output_dir={out}", "seq_len=64", "dataset.max_documents=4",
-        f"compare_with=[{{name: ptq, path: '{tiny_checkpoint}', quantize: 8da4w}}, {{name: int4, path: '{int4}'}}]",
+        f"compare_with=[{{name: ptq, path: '{tiny_checkpoint}', quantize: rtn}}, {{name: int4, path: '{int4}'}}]",
     ]  # fmt: skip
     module, cfg = load_recipe_config("eval_perplexity", "eval_perplexity", overrides)
     results = module.main(cfg)
@@ -33,4 +33,9 @@ def test_float_ptq_and_saved_int4_side_by_side(tiny_checkpoint, tmp_path, capsys
 def test_bad_quantize_value_fails_before_loading(capsys):
     assert main(["run", "eval_perplexity", "--config", "eval_perplexity", "quantize=int3"]) == 2
     err = capsys.readouterr().err
-    assert "int3" in err and "8da4w" in err
+    assert "int3" in err and "rtn or gptq" in err
+
+
+def test_the_old_scheme_spelling_names_the_new_one(capsys):
+    assert main(["run", "eval_perplexity", "--config", "eval_perplexity", "quantize=4w"]) == 2
+    assert "use quantize=rtn (or gptq) quantizer.scheme=4w" in capsys.readouterr().err

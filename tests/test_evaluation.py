@@ -230,7 +230,8 @@ def eleuther_cfg(tmp_path, model_dir, include_path, **overrides):
         "batch_size": 2,
         "max_length": 128,
         "quantize": None,
-        "group_size": 32,
+        "quantizer": {"scheme": "8da4w", "group_size": 32, "skip": ["lm_head"]},
+        "calibration_dataset": {"name": "python_docs", "split": "train"},
         "device": "cpu",
         "output_dir": str(tmp_path / "out"),
     }
@@ -245,7 +246,7 @@ def saved_tiny_llama(tmp_path, tiny_llama, tiny_tokenizer):
     return model_dir
 
 
-@pytest.mark.parametrize("quantize", [None, "8da4w"])
+@pytest.mark.parametrize("quantize", [None, "rtn"])
 def test_eleuther_eval_recipe_runs_a_local_task(tmp_path, saved_tiny_llama, tiny_tokenizer, quantize):
     pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'qatune[lm-eval]'")
     from qatune.models import load_model
@@ -265,7 +266,7 @@ def test_eleuther_eval_recipe_runs_a_local_task(tmp_path, saved_tiny_llama, tiny
     # The same model through our lm_eval protocol, on the 3 documents `limit` kept.
     model = load_model(str(saved_tiny_llama), dtype="fp32")
     if quantize:
-        quantize_ptq_(model, resolve_quantizer({"scheme": quantize, "group_size": 32}))
+        quantize_ptq_(model, resolve_quantizer({"scheme": "8da4w", "group_size": 32, "skip": ["lm_head"]}))
     ours = perplexity(model, tiny_tokenizer, docs[:3], seq_len=128, protocol="lm_eval", progress=False)
     for metric in ["word_perplexity", "byte_perplexity", "bits_per_byte"]:
         assert metrics[f"{metric},none"] == pytest.approx(ours[metric], rel=5e-3), metric

@@ -350,7 +350,7 @@ def test_recipe_refuses_a_float_checkpoint(float_checkpoint):
     from qatune.cli import load_recipe_config
 
     recipe, cfg = load_recipe_config("export", "export", [f"model.path={float_checkpoint}"])
-    with pytest.raises(ValueError, match="float checkpoint.*qat_recipe.*quantize=8da4w"):
+    with pytest.raises(ValueError, match="float checkpoint.*qat_recipe.*quantize=rtn"):
         recipe.main(cfg)
     with pytest.raises(ValueError, match="format='onnx'"):
         load_recipe_config("export", "export", [f"model.path={float_checkpoint}", "format=onnx"])
@@ -359,7 +359,7 @@ def test_recipe_refuses_a_float_checkpoint(float_checkpoint):
 def test_recipe_ptq_on_the_fly_writes_gguf_beside_the_checkpoint(float_checkpoint):
     from qatune.cli import load_recipe_config
 
-    recipe, cfg = load_recipe_config("export", "export", [f"model.path={float_checkpoint}", "quantize=8da4w"])
+    recipe, cfg = load_recipe_config("export", "export", [f"model.path={float_checkpoint}", "quantize=rtn"])
     path = recipe.main(cfg)
     assert path == float_checkpoint.parent / "model-q4_0.gguf"
     assert gguf_tensors(path)["blk.1.ffn_down.weight"].tensor_type == Q4_0
@@ -381,7 +381,7 @@ def test_recipe_exports_a_saved_int4_dir(tmp_path, float_checkpoint):
     codes, _ = q4_0_codes_and_scales(np.asarray(gguf_tensors(path)["blk.0.ffn_up.weight"].data))
     np.testing.assert_array_equal(codes, model.get_parameter("model.layers.0.mlp.up_proj.weight").qdata.numpy())
     with pytest.raises(ValueError, match="already quantized"):
-        recipe.main(load_recipe_config("export", "export", [f"model.path={tmp_path / 'int4'}", "quantize=8da4w"])[1])
+        recipe.main(load_recipe_config("export", "export", [f"model.path={tmp_path / 'int4'}", "quantize=rtn"])[1])
 
 
 def test_executorch_refuses_a_sliding_window_shorter_than_the_cache(tmp_path):

@@ -338,3 +338,64 @@ def test_every_row_is_evaluated_in_model_dtype(tiny_checkpoint, tmp_path):
     again = perplexity(model, AutoTokenizer.from_pretrained(out / "int4"), python_docs("validation")[:4], seq_len=64,
                        batch_size=4, progress=False)  # fmt: skip
     assert again["perplexity"] == pytest.approx(rows["qat"]["perplexity"], rel=1e-6)
+
+
+def metrics(out, run: str, key: str = "loss") -> list[float]:
+    return [json.loads(x)[key] for x in (out / run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_gptq_rows_then_qat_after_the_float_finetune_distilled_from_it(tiny_checkpoint, tmp_path):
+    """The seeds' schedule: float fine-tune (the fair baseline, saved), then a short QAT phase from it with its own
+    learning rate, distilled from it; RTN and GPTQ rows of both float models; eval_perplexity gives the same PTQ
+    numbers for the saved fine-tuned model with the same quantizer section (one PTQ rule)."""
+    out = tmp_path / "out"
+    gptq = ["quantizer.gptq.samples=4", "quantizer.gptq.seq_len=64"]
+    report = run_recipe(tiny_overrides(
+        tiny_checkpoint, out, "compare.finetune_baseline=true", "compare.gptq=true", "qat.start=finetuned",
+        "qat.max_steps=2", "qat.lr=1e-4", "qat.warmup_steps=0", "distillation.weight=1.0", *gptq,
+    ))  # fmt: skip
+    r = report["results"]
+    assert set(r) == {"bf16", "ptq", "gptq", "qat", "bf16_finetuned", "ptq_finetuned", "gptq_finetuned"}
+    assert report["training_runs"]["bf16_finetuned"]["steps"] == 4 and report["training"]["steps"] == 2
+    # QAT's own schedule: cosine from its own peak 1e-4, no warm-up (logged after each step: 1e-4 x (1 + cos pi/2) / 2)
+    assert metrics(out, "qat", "lr") == pytest.approx([5e-5, 0.0], abs=1e-12)
+    # QAT starts from the fine-tuned weights and the loss is the KL to them: tiny next to the float run's CE.
+    assert metrics(out, "qat")[0] < 0.2 * metrics(out, "bf16_finetuned")[0]
+    assert r["gptq_finetuned"]["perplexity"] != pytest.approx(r["ptq_finetuned"]["perplexity"], rel=1e-4)
+    expected = (r["gptq_finetuned"]["perplexity"] - r["qat"]["perplexity"]) / (
+        r["gptq_finetuned"]["perplexity"] - r["bf16_finetuned"]["perplexity"]
+    )
+    assert report["recovery_vs_gptq"] == pytest.approx(expected)
+    assert "GPTQ int4 of the same fine-tuned model" in (out / "report.md").read_text()
+
+    finetuned = out / "bf16_finetuned" / "model"
+    module, cfg = load_recipe_config("eval_perplexity", "eval_perplexity", [
+        f"model.path={finetuned}", f"output_dir={tmp_path / 'eval'}", "seq_len=64", "batch_size=8",
+        "dataset.max_documents=4", *gptq, "quantize=rtn",
+        f"compare_with=[{{name: gptq, path: '{finetuned}', quantize: gptq}}, {{name: float, path: '{finetuned}'}}]",
+    ])  # fmt: skip
+    evaluated = module.main(cfg)
+    assert evaluated["float"]["perplexity"] == pytest.approx(r["bf16_finetuned"]["perplexity"], rel=1e-6)
+    assert evaluated["rtn"]["perplexity"] == pytest.approx(r["ptq_finetuned"]["perplexity"], rel=1e-6)
+    assert evaluated["gptq"]["perplexity"] == pytest.approx(r["gptq_finetuned"]["perplexity"], rel=1e-6)
+
+
+def test_gptq_initialised_qat_starts_from_other_weights(tiny_checkpoint, tmp_path):
+    common = ("compare.baseline=false", "max_steps=2", "quantizer.gptq.samples=4", "quantizer.gptq.seq_len=64")
+    for init in ("rtn", "gptq"):
+        run_recipe(tiny_overrides(tiny_checkpoint, tmp_path / init, *common, f"qat.init={init}"))
+    rtn, gptq = metrics(tmp_path / "rtn", "qat"), metrics(tmp_path / "gptq", "qat")
+    assert gptq[0] != pytest.approx(rtn[0], rel=1e-4)  # the first forward already sees GPTQ's rounding
+
+
+def test_teacher_distillation_on_two_processes_matches_one(tiny_checkpoint, tmp_path):
+    """DDP over gloo: each rank holds the frozen teacher; the loss curve equals one process with the same batch."""
+    common = tiny_overrides(tiny_checkpoint, tmp_path, "compare.baseline=false", "distillation.weight=0.5",
+                            "distillation.teacher=original", "distillation.chunk_size=16")  # fmt: skip
+    one = [*common, f"output_dir={tmp_path / 'one'}", "batch_size=4"]
+    proc = subprocess.run([*TUNE, "qat_recipe", "--config", "smollm2_135m", *one], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_two_processes([*common, f"output_dir={tmp_path / 'two'}", "batch_size=2"])
+    assert "world size 2" in proc.stdout and "parameters identical on all 2 ranks" in proc.stdout
+    assert losses_of(tmp_path / "two") == pytest.approx(losses_of(tmp_path / "one"), rel=1e-3)

@@ -26,7 +26,6 @@ from qatune.quantization import (
     quantized_linear_names,
     resolve_quantizer,
     save_quantized,
-    self_distillation_loss,
 )
 
 N_LINEARS = 2 * 7 + 1  # 2 layers x (q, k, v, o, gate, up, down) + lm_head
@@ -138,32 +137,6 @@ def test_range_learning_trains_the_scales_and_convert_uses_them(scheme, group_si
     with pytest.raises(ValueError, match="range_learning needs the qatune form"):
         resolve_quantizer({"_component_": "torchao.quantization.qat.Int8DynActInt4WeightQATQuantizer",
                            "range_learning": True})  # fmt: skip
-
-
-def test_self_distillation_loss_is_ce_plus_kl_to_the_float_weights():
-    model = fake_quantize_(make_tiny_llama(), QuantScheme())
-    labels = IDS.clone()
-    labels[0, :5] = -100  # a masked prompt
-    batch = {"input_ids": IDS, "labels": labels}
-    ce = model(input_ids=IDS, labels=labels).loss
-    assert torch.equal(self_distillation_loss(model, batch, 0.0), ce)
-    # By hand: KL(float || fake-quantized) over the predicted positions whose label is kept.
-    with torch.no_grad():
-        student = model(IDS).logits[:, :-1]
-        teacher = enable_fake_quant(model, False)(IDS).logits[:, :-1]
-        enable_fake_quant(model, True)
-    keep = labels[:, 1:] != -100
-    p_t = teacher[keep].softmax(-1)
-    kl = (p_t * (p_t.log() - student[keep].log_softmax(-1))).sum(-1).mean()
-    loss = self_distillation_loss(model, batch, 0.25)
-    torch.testing.assert_close(loss, 0.75 * ce + 0.25 * kl, rtol=1e-5, atol=1e-6)
-    assert kl > 1e-4  # int4 really moves the predictions
-    loss.backward()  # the teacher pass leaves no graph; fake quant is on again afterwards
-    assert model.model.layers[0].mlp.up_proj.weight.grad is not None
-    assert model.model.layers[0].mlp.up_proj.weight_fake_quantizer.enabled
-    # While fake quant is off (fake_quant_after_n_steps), there is nothing to distil: the plain loss.
-    enable_fake_quant(model, False)
-    assert torch.equal(self_distillation_loss(model, batch, 0.5), model(input_ids=IDS, labels=labels).loss)
 
 
 def test_tied_embeddings_float_embedding_int4_lm_head(tiny_llama_tied):

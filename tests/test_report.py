@@ -30,6 +30,15 @@ def test_recovery_against_the_finetuned_baseline():
     assert headline(r).startswith("**Recovery: 60.0%**")
 
 
+def test_recovery_against_gptq_and_the_headline_verdict():
+    # GPTQ of the fine-tuned model loses 6 of RTN's 10: QAT at 12 wins back 60% of RTN's loss, 2/6 of GPTQ's.
+    r = results(qat=12.0, bf16_finetuned=8.0, ptq_finetuned=18.0, gptq_finetuned=14.0)
+    assert recovery(r, "gptq_finetuned") == pytest.approx(2 / 6)
+    assert headline(r).endswith("QAT int4 beats GPTQ int4 of the same fine-tuned model: 12.000 vs 14.000.")
+    r = results(qat=15.0, bf16_finetuned=8.0, ptq_finetuned=18.0, gptq_finetuned=14.0)
+    assert "QAT int4 does not beat GPTQ int4" in headline(r) and recovery(r, "gptq_finetuned") < 0
+
+
 def test_recovery_is_none_when_not_computable():
     assert recovery(results(bf16=10.0, ptq=20.0)) is None  # no qat
     assert recovery(results(bf16=10.0, qat=12.0)) is None  # no ptq

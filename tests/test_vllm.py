@@ -227,4 +227,8 @@ def test_export_recipe_writes_the_vllm_dir_beside_a_saved_int4_dir(tmp_path, tin
     assert sorted(p.name for p in (tmp_path / "g256").iterdir()) == ["int4"]
     with pytest.raises(ValueError, match="group_size 256 has no vLLM int4 kernel"):  # quantize= is known up front
         hub_id = "model.path=HuggingFaceTB/SmolLM2-135M-Instruct"  # a float model, PTQ'd on the fly
-        load_recipe_config("export", "export", [hub_id, "format=vllm", "quantize=4w", "group_size=256"])
+        load_recipe_config(
+            "export",
+            "export",
+            [hub_id, "format=vllm", "quantize=rtn", "quantizer.scheme=4w", "quantizer.group_size=256"],
+        )

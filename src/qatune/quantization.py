@@ -58,6 +58,7 @@ from torchao.utils import TorchAOBaseTensor
 from qatune.errors import ConfigError
 from qatune.files import atomic_dir
 from qatune.fused_fake_quant import fuse_fake_quant_
+from qatune.gptq import GPTQConfig, gptq_config
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ SCHEMES = ("8da4w", "4w", "8da8w")
 GROUP_SIZES = (32, 64, 128, 256)
 EMBEDDING_TYPES = ("none", "int8", "int4")
 QATUNE_KEYS = ("scheme", "group_size", "skip", "fake_quant_after_n_steps", "fused", "range_learning", "embedding",
-               "embedding_group_size")  # fmt: skip
+               "embedding_group_size", "gptq")  # fmt: skip
 
 # The torchtune-form quantizers we accept. torchtune's own name is an alias: torchtune cannot import beside torchao
 # 0.18, and its class was a thin re-export of torchao's.
@@ -86,6 +87,7 @@ class QuantScheme:
     range_learning: bool = False  # learn the int weight scales (torchao's range learning, LSQ-style); convert uses them
     embedding: str = "none"  # none | int8 | int4: weight-only fake quant of the token embedding (symmetric)
     embedding_group_size: int = 32  # 32 | 64 | 128 | 256 values per embedding scale (llama.cpp's and ExecuTorch's 32)
+    gptq: GPTQConfig | dict | None = None  # GPTQ's calibration, wherever GPTQ runs (PTQ rows, qat.init: gptq, export)
     legacy: object | None = None  # the torchtune-form quantizer instance, if the config used `_component_`
 
     def __post_init__(self) -> None:
@@ -112,6 +114,7 @@ class QuantScheme:
         g = self.embedding_group_size
         if isinstance(g, bool) or g not in GROUP_SIZES:
             raise ConfigError(f"quantizer embedding_group_size {g!r} is not supported; use one of {GROUP_SIZES}")
+        self.gptq = gptq_config(self.gptq)
 
     def base_config(self) -> Int8DynamicActivationIntxWeightConfig | IntxWeightOnlyConfig:
         """The torchao PTQ config that prepare, convert and PTQ all derive from."""
@@ -267,7 +270,7 @@ def _skipped(name: str, q: QuantScheme) -> bool:
     return any(fnmatchcase(name, pattern) for pattern in q.skip)
 
 
-def _linears_to_quantize(model: nn.Module, q: QuantScheme) -> set[str]:
+def linears_to_quantize(model: nn.Module, q: QuantScheme) -> set[str]:
     """The nn.Linear names `q` quantizes; warns once about layers whose in_features the group size does not divide."""
     if quantized_linear_names(model):
         raise ConfigError("model is already fake-quantized or quantized; start from a float model")
@@ -297,7 +300,7 @@ def fake_quantize_(model: nn.Module, q: QuantScheme) -> nn.Module:
 
     With `q.fused` (the default) the layers run qatune.fused_fake_quant's forward: the same numerics, bit for bit.
     """
-    chosen = _linears_to_quantize(model, q)
+    chosen = linears_to_quantize(model, q)
     if q.legacy is not None:
         q.legacy.prepare(model)
         for name, m in list(model.named_modules()):  # the legacy quantizer has no filter: undo the skipped layers
@@ -362,40 +365,6 @@ def enable_fake_quant(model: nn.Module, enabled: bool) -> nn.Module:
     return model
 
 
-def self_distillation_loss(
-    model: nn.Module, batch: Mapping[str, torch.Tensor], weight: float, temperature: float = 1.0
-) -> torch.Tensor:
-    """(1 - weight) * next-token loss + weight * KL(float || fake-quantized) of the same weights' predictions.
-
-    The teacher is the model itself with fake quantization off (one extra forward, no graph): the term pulls the
-    quantized function towards the float function of the current weights, which is the error int4 adds, while the
-    next-token loss keeps learning the data. While fake quant is still off (fake_quant_after_n_steps) it is the plain
-    loss. Positions with label -100 (prompts, padding) are left out of both terms.
-    """
-    from accelerate.utils import extract_model_from_parallel
-
-    inner = extract_model_from_parallel(model)
-    layers = [m for m in inner.modules() if isinstance(m, FakeQuantizedLinear)]
-    on = any(m.weight_fake_quantizer is not None and m.weight_fake_quantizer.enabled for m in layers)
-    out = model(input_ids=batch["input_ids"], labels=batch["labels"])
-    if not on or weight == 0:
-        return out.loss
-    with torch.no_grad():
-        enable_fake_quant(inner, False)
-        try:
-            teacher = inner(input_ids=batch["input_ids"]).logits
-        finally:
-            enable_fake_quant(inner, True)
-    # Logit t predicts token t + 1, as in the model's own loss.
-    keep = batch["labels"][:, 1:] != -100
-    student = out.logits[:, :-1][keep].float() / temperature
-    teacher = teacher[:, :-1][keep].float() / temperature
-    kl = torch.nn.functional.kl_div(
-        torch.log_softmax(student, -1), torch.log_softmax(teacher, -1), log_target=True, reduction="batchmean"
-    )
-    return (1 - weight) * out.loss + weight * kl * temperature**2
-
-
 def convert_to_int4(model: nn.Module, q: QuantScheme) -> nn.Module:
     """Fake-quantized model -> real quantized weights with exactly the trained numerics, in place (also for 8da8w).
 
@@ -421,12 +390,42 @@ def convert_to_int4(model: nn.Module, q: QuantScheme) -> nn.Module:
 
 def quantize_ptq_(model: nn.Module, q: QuantScheme) -> nn.Module:
     """Post-training quantization of a float model with the scheme's base config, honouring `q.skip`, in place."""
-    chosen, embeddings = _linears_to_quantize(model, q), _embeddings_to_quantize(model, q)
+    chosen, embeddings = linears_to_quantize(model, q), _embeddings_to_quantize(model, q)
     quantize_(model, q.base_config(), filter_fn=lambda m, name: name in chosen)
     if embeddings:
         quantize_(model, q.embedding_config(), filter_fn=lambda m, name: name in embeddings)
     _mark_quantized(model, q)
     return model
+
+
+# The PTQ grid of eval_perplexity, export and eleuther_eval when their config names none: qat_recipe's YAML's.
+PTQ_QUANTIZER = {"scheme": "8da4w", "group_size": 32, "skip": ["lm_head"], "embedding": "none"}
+PTQ_METHODS = ("rtn", "gptq")  # round to nearest (torchao's quantize_) | GPTQ (qatune.gptq), on the same grid
+
+
+def check_ptq_method(method: object, key: str = "quantize") -> None:
+    """null | rtn | gptq; a scheme name (the old spelling) is refused with the new one."""
+    if method is None or method in PTQ_METHODS:
+        return
+    if method in SCHEMES:
+        raise ConfigError(f"{key}={method}: the scheme is set by quantizer.scheme now; use {key}=rtn (or gptq) "
+                          f"quantizer.scheme={method}")  # fmt: skip
+    choices = " or ".join(PTQ_METHODS)
+    raise ConfigError(f"{key}={method!r}: choose null (no PTQ) or {choices} (on the quantizer section's grid)")
+
+
+def ptq_(model: nn.Module, q: QuantScheme, method: str = "rtn", calibration: torch.Tensor | None = None) -> nn.Module:
+    """Post-training quantization by `method`, in place: the one PTQ rule of the recipe's rows, eval_perplexity and
+    export (the quantizer section's scheme, group size, skip, embedding). GPTQ needs `calibration` ids."""
+    if method == "rtn":
+        return quantize_ptq_(model, q)
+    if method == "gptq":
+        from qatune.gptq import gptq_quantize_
+
+        if calibration is None:
+            raise ValueError("GPTQ needs calibration token ids (qatune.gptq.calibration_ids)")
+        return gptq_quantize_(model, q, calibration.to(next(model.parameters()).device))
+    raise ConfigError(f"PTQ method {method!r} is not one of {', '.join(PTQ_METHODS)}")
 
 
 def _mark_quantized(model: nn.Module, q: QuantScheme) -> None:

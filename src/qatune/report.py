@@ -15,7 +15,8 @@ from typing import Any
 from qatune.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 # Rows in this order, then any other models in the order they were added.
-MODEL_ORDER = ("bf16", "ptq", "qat", "qat_vllm", "qat_llama_cpp", "qat_executorch", "bf16_finetuned", "ptq_finetuned")
+MODEL_ORDER = ("bf16", "ptq", "gptq", "qat", "qat_vllm", "qat_llama_cpp", "qat_executorch", "bf16_finetuned",
+               "ptq_finetuned", "gptq_finetuned")  # fmt: skip
 
 
 def _ppl(results: Mapping[str, Any], name: str) -> float | None:
@@ -27,28 +28,31 @@ def _ppl(results: Mapping[str, Any], name: str) -> float | None:
 # What each row is, for the report's legend.
 MODEL_NOTES = {
     "bf16": "the original model, float",
-    "ptq": "the original model, post-training quantized",
+    "ptq": "the original model, post-training quantized (round to nearest)",
+    "gptq": "the original model, post-training quantized by GPTQ (quantizer.gptq's calibration)",
     "qat": "fine-tuned with fake quantization, then converted to int4 (eager torchao)",
     "qat_vllm": "the qat int4 export served by vLLM",
     "qat_llama_cpp": "the qat int4 GGUF run by llama.cpp",
     "qat_executorch": "the qat int4 .pte run by ExecuTorch",
     "bf16_finetuned": "the same fine-tuning without fake quantization, float",
-    "ptq_finetuned": "bf16_finetuned, then post-training quantized",
+    "ptq_finetuned": "bf16_finetuned, then post-training quantized (round to nearest)",
+    "gptq_finetuned": "bf16_finetuned, then post-training quantized by GPTQ",
 }
 
 
-def recovery(results: Mapping[str, Any]) -> float | None:
-    """Share of PTQ's perplexity loss that QAT wins back: (ptq_finetuned - qat) / (ptq_finetuned - bf16_finetuned).
+def recovery(results: Mapping[str, Any], ptq: str = "ptq_finetuned") -> float | None:
+    """Share of PTQ's perplexity loss that QAT wins back: (ptq_finetuned - qat) / (ptq_finetuned - bf16_finetuned);
+    with ptq="gptq_finetuned", the share of what GPTQ still loses.
 
     Only against the fair baseline, the same fine-tuning without fake quant (compare.finetune_baseline=true): QAT
     also fine-tunes, so against PTQ of the *original* model it mixes what fine-tuning and QAT each buy (and comes
     out above 100% on in-domain data). None when an entry is missing or PTQ loses nothing.
     """
-    baseline, ptq = _ppl(results, "bf16_finetuned"), _ppl(results, "ptq_finetuned")
+    baseline, quantized = _ppl(results, "bf16_finetuned"), _ppl(results, ptq)
     qat = _ppl(results, "qat")
-    if baseline is None or ptq is None or qat is None or ptq == baseline:
+    if baseline is None or quantized is None or qat is None or quantized == baseline:
         return None
-    return (ptq - qat) / (ptq - baseline)
+    return (quantized - qat) / (quantized - baseline)
 
 
 def _ordered(results: Mapping[str, Any]) -> list[str]:
@@ -183,8 +187,13 @@ def headline(results: Mapping[str, Any]) -> str:
     """The run's one-line verdict: the recovery against the fair baseline, or why there is none."""
     rec = recovery(results)
     if rec is not None:
-        return (f"**Recovery: {100 * rec:.1f}%** of the perplexity that fine-tune-then-PTQ loses is won back by QAT "
+        line = (f"**Recovery: {100 * rec:.1f}%** of the perplexity that fine-tune-then-PTQ loses is won back by QAT "
                 "((ptq_finetuned − qat) / (ptq_finetuned − bf16_finetuned)).")  # fmt: skip
+        if (gptq := _ppl(results, "gptq_finetuned")) is not None:
+            qat = _ppl(results, "qat")
+            verdict = "beats" if qat < gptq else "does not beat"
+            line += f" QAT int4 {verdict} GPTQ int4 of the same fine-tuned model: {qat:.3f} vs {gptq:.3f}."
+        return line
     if "qat" in results and "bf16_finetuned" not in results:
         return ("No recovery figure: `qat` is fine-tuned, `bf16` and `ptq` are not, so their gap mixes fine-tuning "
                 "with quantization. `compare.finetune_baseline=true` adds the same fine-tuning without fake quant "
