@@ -193,9 +193,6 @@ def check_qat_phase(cfg: DictConfig) -> None:
         raise ConfigError("distillation and self_distillation both set: choose one teacher (self_distillation=0)")
     if d.teacher not in ("original", "finetuned"):
         check_model_path(d.teacher, "distillation.teacher")
-    if cfg.distributed.strategy == "fsdp2":
-        raise ConfigError("distillation with distributed.strategy=fsdp2: not supported yet (the teacher is not "
-                          "sharded); use distributed.strategy=ddp or QAT + LoRA")  # fmt: skip
 
 
 # What defines a training run: resume=true refuses a checkpoint saved with other values of these
@@ -314,9 +311,9 @@ def load_for_training(run: Run, name: str) -> nn.Module:
     return add_lora_(model, cfg.lora) if cfg.lora else model  # after fake quant: it quantizes W + s B A
 
 
-def skeleton(run: Run, config, name: str) -> nn.Module:
+def skeleton(run: Run, config, name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The same architecture without trained weights (FSDP2 builds it on the meta device)."""
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if name == "qat":
         fake_quantize_(model, run.q)
     model.tie_weights()  # torchao's swap of a meta-device lm_head unties it from the embeddings
@@ -327,8 +324,12 @@ def load_teacher(run: Run) -> nn.Module | None:
     """The frozen float teacher of `distillation:` in model.dtype on this process's device, or None."""
     if (d := distillation_config(run.cfg.distillation)) is None:
         return None
-    path = model_path(run, d.teacher)
-    return freeze_teacher(load_model(path, dtype=run.cfg.model.dtype, device=run.accelerator.device))
+    path, dtype = model_path(run, d.teacher), run.cfg.model.dtype  # auto: fp32 on CPU, bf16 on CUDA
+    if run.sharded:  # FSDP2: sharded like the student, each rank holds its shards only
+        build = lambda config: skeleton(run, config, "teacher", run.eval_dtype)  # noqa: E731
+        teacher = load_sharded(lambda: load_model(path, dtype=dtype, device="cpu"), build, run.accelerator.device)
+        return freeze_teacher(teacher)
+    return freeze_teacher(load_model(path, dtype=dtype, device=run.accelerator.device))
 
 
 def qat_loss(run: Run, teacher: nn.Module | None):

@@ -399,3 +399,13 @@ def test_teacher_distillation_on_two_processes_matches_one(tiny_checkpoint, tmp_
     proc = run_two_processes([*common, f"output_dir={tmp_path / 'two'}", "batch_size=2"])
     assert "world size 2" in proc.stdout and "parameters identical on all 2 ranks" in proc.stdout
     assert losses_of(tmp_path / "two") == pytest.approx(losses_of(tmp_path / "one"), rel=1e-3)
+
+
+def test_teacher_distillation_under_fsdp2_matches_ddp(tiny_checkpoint, tmp_path):
+    """FSDP2 on 2 CPU processes: the teacher sharded like the student (its lm_head gathered for the chunked KL):
+    the same loss curve as DDP."""
+    common = tiny_overrides(tiny_checkpoint, tmp_path, "compare.baseline=false", "distillation.weight=0.5",
+                            "distillation.teacher=original", "distillation.chunk_size=16")  # fmt: skip
+    for strategy in ("ddp", "fsdp2"):
+        run_two_processes([*common, f"output_dir={tmp_path / strategy}", f"distributed.strategy={strategy}"])
+    assert losses_of(tmp_path / "fsdp2") == pytest.approx(losses_of(tmp_path / "ddp"), rel=1e-3)

@@ -119,8 +119,15 @@ def teacher_distillation_loss(
     """weight * T^2 * KL(teacher || student) + (1 - weight) * CE, means over the target tokens."""
     logits = model(input_ids=batch["input_ids"]).logits  # no labels: transformers' own loss would upcast it all
     hidden = teacher_hidden_states(teacher, batch["input_ids"])
-    kl, ce = chunked_kl_ce(logits, hidden, teacher.get_output_embeddings(), batch["labels"], cfg.temperature,
-                           cfg.chunk_size)  # fmt: skip
+    sharded = hasattr(teacher, "unshard")  # FSDP2: lm_head is the root unit's, gathered for the chunks, then freed
+    if sharded:
+        teacher.unshard()
+    try:
+        kl, ce = chunked_kl_ce(logits, hidden, teacher.get_output_embeddings(), batch["labels"], cfg.temperature,
+                               cfg.chunk_size)  # fmt: skip
+    finally:
+        if sharded:
+            teacher.reshard()
     return cfg.weight * kl * cfg.temperature**2 + (1 - cfg.weight) * ce
 
 

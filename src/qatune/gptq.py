@@ -28,6 +28,7 @@ from torch import nn
 from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine
 
 from qatune.errors import ConfigError
+from qatune.fsdp import decoder_layers
 
 logger = logging.getLogger(__name__)
 
@@ -118,19 +119,11 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, q, cfg: GPTQConfig)
     return codes.to(torch.int8), scales
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder layers (model.model.layers for Llama-family models)."""
-    stacks = [m for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and name.endswith("layers")]
-    if not stacks:
-        raise ValueError("GPTQ: found no decoder layers (an nn.ModuleList named *layers)")
-    return max(stacks, key=len)
-
-
 class _Captured(Exception):
     pass
 
 
-def _first_layer_inputs(model: nn.Module, ids: torch.Tensor, layers: nn.ModuleList) -> list[tuple]:
+def _first_layer_inputs(model: nn.Module, ids: torch.Tensor, layers: list[nn.Module]) -> list[tuple]:
     """(hidden states, keyword arguments) the first decoder layer receives, per calibration batch."""
     captured = []
 
@@ -190,11 +183,11 @@ def gptq_(model: nn.Module, q, ids: torch.Tensor, cfg: GPTQConfig | None = None)
 
     cfg = cfg or q.gptq
     chosen, layers = linears_to_quantize(model, q), decoder_layers(model)
-    prefix = next(name for name, m in model.named_modules() if m is layers)
+    names = {m: name for name, m in model.named_modules()}
     start, found = time.perf_counter(), {}
     batches = _first_layer_inputs(model, ids, layers)
-    for index, layer in enumerate(layers):
-        linears = {f"{prefix}.{index}.{n}": m for n, m in layer.named_modules() if f"{prefix}.{index}.{n}" in chosen}
+    for layer in layers:
+        linears = {f"{names[layer]}.{n}": m for n, m in layer.named_modules() if f"{names[layer]}.{n}" in chosen}
         hessians = _layer_hessians(layer, linears, batches)  # this layer's float weights, quantized inputs
         for name, m in linears.items():
             codes, scales = gptq_weight(m.weight, hessians[name].cpu(), q, cfg)
