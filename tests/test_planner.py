@@ -4,6 +4,7 @@ formulas checked against the tensors autograd really saves (tiny Llama, real CPU
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +275,17 @@ def test_every_documented_gpu_command_fits_80_gb_gpus(where, command):
     overrides = [o for o in [*args.overrides, *extra] if not o.startswith("model.path=")]  # no weights here
     _, cfg = load_recipe_config("qat_recipe", args.config, overrides)
     check_plan_fits(cfg, args.nproc_per_node * args.nnodes, 80 * 10**9)
+
+
+def test_the_distillation_teacher_is_counted():
+    """A frozen bf16 teacher: its weights once per GPU (1/N of them under FSDP2, plus the gathered root and one
+    layer) and one chunk of logits; nothing without distillation."""
+    cfg = OmegaConf.load(Path(__file__).parent.parent / "configs" / "qat_recipe" / "llama3_8b.yaml")
+    p = model_stats(cfg.model.path).params
+    without = estimate_from_config(cfg, num_gpus=8)["bytes"]
+    assert without["teacher"] == 0
+    cfg.distillation.weight, cfg.distillation.chunk_size = 1.0, 256
+    with_teacher = estimate_from_config(cfg, num_gpus=8)["bytes"]
+    assert with_teacher["teacher"] > 2 * p / 8 and with_teacher["total"] - without["total"] == with_teacher["teacher"]
+    single = estimate_from_config(cfg, num_gpus=1)["bytes"]["teacher"]
+    assert single == pytest.approx(2 * p + cfg.batch_size * 256 * 128256 * 22)  # bf16 weights + a chunk of logits

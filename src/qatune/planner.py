@@ -240,6 +240,7 @@ def _memory(
     group_size: int,
     lora: LoraStats | None = None,
     embedding_group_size: int | None = None,
+    teacher_chunk: int | None = None,
 ) -> dict[str, float]:
     """Per-GPU bytes of each part (formulas: docs/memory.md)."""
     shards = num_gpus if strategy == "fsdp2" else 1
@@ -294,8 +295,15 @@ def _memory(
     # Checkpointing keeps each layer's input; backward recomputes one layer at a time.
     with_ac = n_layers * tokens * h * residual_bytes + (layer + fq_layer) + head + fq_head
     activations = with_ac if activation_checkpointing else without_ac
-    total = weights + grads + optimizer_bytes + activations
+    # distillation: the frozen teacher in the compute dtype (sharded like the student under FSDP2, plus its gathered
+    # root and current layer), and per chunk of teacher_chunk positions its logits plus ~5 fp32 [chunk, vocab] tensors.
+    teacher = 0.0
+    if teacher_chunk:
+        teacher = compute * p / shards + (compute * (root + s.layer_params) if strategy == "fsdp2" else 0)
+        teacher += batch_size * min(teacher_chunk, seq_len) * s.vocab * (compute + 20)
+    total = weights + grads + optimizer_bytes + activations + teacher
     return {
+        "teacher": teacher,
         "weights": weights,
         "grads": grads,
         "optimizer": optimizer_bytes,
@@ -325,6 +333,7 @@ def plan_memory(
     lora_rank: int = 0,
     lora_targets: tuple[str, ...] = (),
     embedding_group_size: int | None = None,
+    teacher_chunk: int | None = None,
 ) -> dict[str, Any]:
     """Per-GPU memory plan of full fine-tuning (with QAT fake quantization when `qat`), or with `lora_rank` of
     QAT + LoRA, and what to change if it does not fit. `strategy` defaults to fsdp2 on several GPUs, single on one.
@@ -336,7 +345,8 @@ def plan_memory(
     stats = model_stats(model_path_or_config, scheme, group_size)
     knobs = dict(num_gpus=num_gpus, strategy=strategy, dtype=dtype, optimizer=optimizer, batch_size=batch_size,
                  seq_len=seq_len, activation_checkpointing=activation_checkpointing, qat_scheme=scheme,
-                 group_size=group_size, embedding_group_size=embedding_group_size if qat else None)  # fmt: skip
+                 group_size=group_size, embedding_group_size=embedding_group_size if qat else None,
+                 teacher_chunk=teacher_chunk)  # fmt: skip
     if lora_rank:
         knobs["lora"] = lora_stats(model_path_or_config, lora_rank, tuple(lora_targets))
     memory = _memory(stats, **knobs)
@@ -459,6 +469,7 @@ def estimate_from_config(cfg, num_gpus: int = 1, gpu_memory_gb: float | None = N
         embedding_group_size=None
         if get("quantizer.embedding", "none") == "none"
         else int(get("quantizer.embedding_group_size", 32)),
+        teacher_chunk=int(get("distillation.chunk_size", 256)) if float(get("distillation.weight", 0)) > 0 else None,
     )
 
 
@@ -498,6 +509,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         ("  without checkpointing", b["activations_without_ac"]),
         ("  of which logits + loss", b["logits"]),
         ("  of which fake quant", b["fake_quant"]),
+        ("distillation teacher", b["teacher"]),
         ("total", b["total"]),
     ]
     lines = [
