@@ -1,6 +1,7 @@
 # `make demo`: set everything up and run the main job (QAT of SmolLM2-135M, offline, on CPU).
 # `make test`: set everything up and run the tests.
 # `make vllm`: vLLM (CPU build) in its own virtualenv, .venv-vllm; the vLLM tests and benchmark use it.
+# `make llmcompressor`: llm-compressor (GPTQ) in .venv-llmcompressor, for benchmarks/gptq_crosscheck.py.
 SYSTEM_PYTHON ?= python3
 VENV ?= .venv
 VLLM_VENV ?= .venv-vllm
@@ -52,4 +53,21 @@ $(VLLM_VENV)/.built:
 	  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n' > $$d/METADATA && echo qatune > $$d/INSTALLER
 	$(VLLM_VENV)/bin/vllm --version
 	$(VLLM_VENV)/bin/python -c "import vllm, compressed_tensors; print('vllm', vllm.__version__, 'compressed-tensors', compressed_tensors.__version__)"
+	touch $@
+
+# `make llmcompressor`: llm-compressor 0.14 in its own virtualenv, .venv-llmcompressor (benchmarks/gptq_crosscheck.py
+# runs benchmarks/llmcompressor_gptq.py in it). It pins transformers 5.17 and compressed-tensors 0.19, so it cannot share
+# the project's environment. torch first, from the CPU wheel on disk, as above; the import at the end fails the build if
+# anything pip pulled in breaks importing llmcompressor.
+LLMCOMPRESSOR_VENV ?= .venv-llmcompressor
+.PHONY: llmcompressor
+llmcompressor: $(LLMCOMPRESSOR_VENV)/.built
+
+$(LLMCOMPRESSOR_VENV)/.built:
+	$(SYSTEM_PYTHON) -m venv $(LLMCOMPRESSOR_VENV)
+	$(LLMCOMPRESSOR_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(LLMCOMPRESSOR_VENV)/bin/python -m pip install -q 'llmcompressor==0.14.*'
+	$(LLMCOMPRESSOR_VENV)/bin/python -c "import torch, llmcompressor, compressed_tensors, transformers; \
+	  print('torch', torch.__version__, 'llmcompressor', llmcompressor.__version__, \
+	  'compressed-tensors', compressed_tensors.__version__, 'transformers', transformers.__version__)"
 	touch $@

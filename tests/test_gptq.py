@@ -34,13 +34,16 @@ def test_with_an_identity_hessian_gptq_is_torchaos_round_to_nearest():
     assert torch.equal(scales, linear.weight.scale.reshape(scales.shape))
 
 
-def test_gptq_lowers_the_layer_output_error_against_rtn():
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_gptq_lowers_the_layer_output_error_against_rtn(static_groups):
     torch.manual_seed(0)
     w = torch.randn(64, 128)
     x = torch.randn(2048, 128) @ torch.randn(128, 128) * 0.3  # correlated inputs: where GPTQ can help
     H = 2 * x.T @ x / x.shape[0]
     q = resolve_quantizer({"scheme": "4w", "group_size": 32})
-    codes, scales = gptq_weight(w, H, q, GPTQConfig())
+    codes, scales = gptq_weight(w, H, q, GPTQConfig(static_groups=static_groups))
+    if static_groups:  # the scales are RTN's: set by the original weights
+        assert torch.equal(scales, rtn(w, 32)[1])
     dequant = codes.float() * scales.repeat_interleave(32, 1)
     rtn_codes, rtn_scales = rtn(w, 32)
     rtn_dequant = rtn_codes.float() * rtn_scales.repeat_interleave(32, 1)
