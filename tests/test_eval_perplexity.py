@@ -6,13 +6,14 @@ import pytest
 
 from qatune.cli import load_recipe_config, main
 from qatune.models import load_model, load_tokenizer
-from qatune.quantization import quantize_ptq_, resolve_quantizer, save_quantized
+from qatune.quantization import PTQ_QUANTIZER, quantize_ptq_, resolve_quantizer, save_quantized
 
 
 def test_float_ptq_and_saved_int4_side_by_side(tiny_checkpoint, tmp_path, capsys):
     # A PTQ'd int4 checkpoint on disk must evaluate exactly like PTQ on the fly of the same float model.
     int4 = tmp_path / "int4"
-    model = quantize_ptq_(load_model(str(tiny_checkpoint)), resolve_quantizer({"scheme": "8da4w", "group_size": 32}))
+    q = resolve_quantizer(PTQ_QUANTIZER)  # eval_perplexity's default quantizer section: qat_recipe's (lm_head float)
+    model = quantize_ptq_(load_model(str(tiny_checkpoint)), q)
     save_quantized(model, load_tokenizer(str(tiny_checkpoint)), int4)
     out = tmp_path / "eval"
     overrides = [
