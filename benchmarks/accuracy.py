@@ -9,8 +9,9 @@ Rows, per scheme and step count N (SmolLM2-135M, `tune run qat_recipe --config s
   qat          QAT as before issue 27: fake quant from the original model, N steps, next-token loss
   qat_kd       the same with the float fine-tune as a frozen teacher (loss = KL(teacher || student))
   after_float  QAT after the float fine-tune: qat.start=<the float model>, --phase-steps x N steps at --phase-lr
-  after_float_kd     the same, distilled from the float model
+  after_float_kd     the same, distilled from the float model (the smollm2_135m default's schedule at N = 180)
   gptq_after_float_kd  the same, GPTQ-initialised (qat.init=gptq)
+Every row names its whole schedule (qat.*, distillation.*), so the table does not move when the config's default does.
 In-domain: the recipe's eval (8 held-out Python-docs topics, seq 128). Second domain, never trained on: the GNU GPL
 v3 text every Debian/Ubuntu machine ships (/usr/share/common-licenses/GPL-3, legal English, ~8k tokens), evaluated
 by `tune run eval_perplexity` (its PTQ is the recipe's rule: the same quantizer section). Every run is one `tune run`
@@ -49,21 +50,23 @@ def tune(args: list[str]) -> None:
 def train(out: Path, overrides: list[str]) -> dict:
     if not (out / "report.json").is_file():
         tune(["qat_recipe", "--config", "smollm2_135m", f"output_dir={out}", "overwrite=true", "compare.baseline=false",
-              "eval.measure=false", "export.formats=[hf]", *overrides])  # fmt: skip
+              "eval.measure=false", "compare.finetune_baseline=false", "export.formats=[hf]", *overrides])  # fmt: skip
     return json.loads((out / "report.json").read_text())
 
 
 def row_overrides(row: str, scheme: str, steps: int, float_model: Path, args) -> list[str]:
-    common = [f"quantizer.scheme={scheme}", f"max_steps={steps}"]
+    common = [f"quantizer.scheme={scheme}", f"max_steps={steps}", "qat.init=rtn"]
+    no_teacher = ["distillation.weight=0"]
     teacher = ["distillation.weight=1.0", f"distillation.teacher={float_model}"]
+    from_step_0 = ["qat.start=original", "qat.max_steps=null", "qat.lr=null", "qat.warmup_steps=null"]
     phase = [f"qat.start={float_model}", f"qat.max_steps={max(1, round(args.phase_steps * steps))}",
              f"qat.lr={args.phase_lr}", f"qat.warmup_steps={args.phase_warmup}"]  # fmt: skip
     return (
         common
         + {
-            "qat": [],
-            "qat_kd": teacher,
-            "after_float": phase,
+            "qat": from_step_0 + no_teacher,
+            "qat_kd": from_step_0 + teacher,
+            "after_float": phase + no_teacher,
             "after_float_kd": phase + teacher,
             "gptq_after_float_kd": phase + teacher + ["qat.init=gptq"],
         }[row]
@@ -102,7 +105,7 @@ def table(work: Path, scheme: str, steps: int, rows: list[str], args) -> list[li
     is_first = str(scheme == args.schemes[0]).lower()
     base = train(
         work / f"{scheme}_{steps}_qat",
-        [f"quantizer.scheme={scheme}", f"max_steps={steps}", f"compare.finetune_baseline={is_first}"],
+        [*row_overrides("qat", scheme, steps, first, args), f"compare.finetune_baseline={is_first}"],
     )
     float_model = first / "bf16_finetuned" / "model"
     float_s = json.loads((first / "report.json").read_text())["training_runs"]["bf16_finetuned"]["wall_s"]
@@ -131,7 +134,7 @@ def main() -> None:
     ap.add_argument("--schemes", nargs="+", default=["8da4w", "4w"])
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     ap.add_argument("--phase-steps", type=float, default=0.2, help="QAT phase length, a fraction of N")
-    ap.add_argument("--phase-lr", type=float, default=3e-5)
+    ap.add_argument("--phase-lr", type=float, default=1e-4)
     ap.add_argument("--phase-warmup", type=int, default=0)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
