@@ -103,11 +103,11 @@ def in_domain_ptq(work: Path, float_model: Path, scheme: str) -> dict:
 def table(work: Path, scheme: str, steps: int, rows: list[str], args) -> list[list[str]]:
     first = work / f"{args.schemes[0]}_{steps}_qat"  # its float fine-tune serves every scheme
     is_first = str(scheme == args.schemes[0]).lower()
+    float_model = first / "bf16_finetuned" / "model"  # written by the first scheme's qat run, just below
     base = train(
         work / f"{scheme}_{steps}_qat",
-        [*row_overrides("qat", scheme, steps, first, args), f"compare.finetune_baseline={is_first}"],
+        [*row_overrides("qat", scheme, steps, float_model, args), f"compare.finetune_baseline={is_first}"],
     )
-    float_model = first / "bf16_finetuned" / "model"
     float_s = json.loads((first / "report.json").read_text())["training_runs"]["bf16_finetuned"]["wall_s"]
     ppl = {**in_domain_ptq(work, float_model, scheme), "qat": base["results"]["qat"]["perplexity"]}
     wall = {"float": float_s, "rtn": float_s, "gptq": float_s, "qat": base["training"]["wall_s"]}
